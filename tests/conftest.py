@@ -1,0 +1,25 @@
+"""Fixtures shared by the test suite.
+
+`model_repository` runs the same export command the Dockerfile runs, once per test session,
+so every service test serves real ONNX files written by `model_defs`.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+EXPORT_COMMAND = [sys.executable, "-m", "model_defs.export", "--weights", "random"]
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model_repository")
+    subprocess.run([*EXPORT_COMMAND, "--out", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(DATA.glob("*.jpg"))}
