@@ -1,0 +1,121 @@
+"""The baseline the bench compares the service with: a plain FastAPI app, kept deliberately naive.
+
+A `def` endpoint takes the multipart upload, preprocesses it and calls `session.run` with one
+intra-op thread; FastAPI runs it in its threadpool. This was the best of the usual ways to serve
+these models on a small CPU machine, so the service is judged by how far it gets past it.
+
+    python -m service.baseline --model-repository DIR [--models a,b] [--port 8001]
+
+It answers `POST /predict/{model}` (form field `file`, query `top_k`) and `GET /health/ready`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from PIL import Image, ImageOps
+from pydantic import BaseModel
+
+
+def preprocess(data: bytes, spec: dict) -> np.ndarray:
+    """Image bytes to a 1xCxHxW float32 array, exactly as docs/model-repository.md specifies."""
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened).convert(spec["color"])
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    resized_long = int(spec["resize"] * long / short)
+    size = (spec["resize"], resized_long) if width <= height else (resized_long, spec["resize"])
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    crop = spec["crop"]
+    top = int(round((image.height - crop) / 2))
+    left = int(round((image.width - crop) / 2))
+    image = image.crop((left, top, left + crop, top + crop))
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(spec["scale"])
+    pixels = (pixels - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[np.newaxis])
+
+
+def model_file(model_dir: Path, metadata: dict) -> Path:
+    """The ONNX file the service would load: the optimized one only if made by this onnxruntime."""
+    optimized = metadata.get("optimized_model_file")
+    if optimized and metadata.get("export", {}).get("onnxruntime") == ort.__version__:
+        return model_dir / optimized
+    return model_dir / metadata["model_file"]
+
+
+class Model:
+    def __init__(self, model_dir: Path) -> None:
+        self.metadata = json.loads((model_dir / "metadata.json").read_text(encoding="utf-8"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(model_file(model_dir, self.metadata)), options, providers=["CPUExecutionProvider"]
+        )
+        labels_file = model_dir / self.metadata["labels"]["file"]
+        self.labels = labels_file.read_text(encoding="utf-8").splitlines()
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int
+    probability: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[Prediction]
+
+
+def create_app(repository: Path, names: list[str] | None = None) -> FastAPI:
+    folders = sorted(p.parent for p in repository.glob("*/metadata.json"))
+    models = {d.name: Model(d) for d in folders if names is None or d.name in names}
+    app = FastAPI(title="baseline")
+
+    @app.get("/health/ready")
+    def ready() -> dict:
+        return {"ready": True, "models": sorted(models)}
+
+    @app.post("/predict/{name}", response_model=PredictResponse)
+    def predict(name: str, file: UploadFile = File(...), top_k: int = 5) -> PredictResponse:
+        if name not in models:
+            raise HTTPException(404, f"unknown model {name!r}")
+        model = models[name]
+        x = preprocess(file.file.read(), model.metadata["preprocessing"])
+        logits = model.session.run(None, {model.metadata["input"]["name"]: x})[0][0]
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        best = np.argsort(probabilities)[::-1][:top_k]
+        return PredictResponse(
+            model=name,
+            predictions=[Prediction(label=model.labels[i], class_id=int(i),
+                                    probability=float(probabilities[i])) for i in best],
+        )
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service.baseline", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-repository", type=Path, default=os.environ.get("MODEL_REPOSITORY"))
+    parser.add_argument("--models", help="comma-separated model names (default: all)")
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8001")))
+    args = parser.parse_args(argv)
+    if args.model_repository is None:
+        parser.error("--model-repository (or MODEL_REPOSITORY) is required")
+    names = args.models.split(",") if args.models else None
+    app = create_app(args.model_repository, names)
+    # No access log: the baseline is measured at its best.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

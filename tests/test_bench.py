@@ -1,0 +1,59 @@
+"""The bench command, run the way a user runs it: a real server process, real uploads, real files out."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+BENCH = [sys.executable, "-m", "service.bench"]
+
+
+def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository, photos, tmp_path):
+    out = tmp_path / "results"
+    finished = subprocess.run(
+        [*BENCH, "--model-repository", str(model_repository),
+         "--models", "mobilenetv3_small,no_such_model", "--concurrency", "1,4",
+         "--requests", "24", "--warmup", "4", "--bare-runs", "20", "--baseline",
+         "--image", str(photos["coffee"]), "--out", str(out)],
+        capture_output=True, text=True, timeout=480,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    results = json.loads((out / "bench.json").read_text())
+    cells = {(c["server"], c["model"], c["concurrency"]): c for c in results["cells"]}
+    assert set(cells) == {(server, model, clients) for server in ("service", "baseline")
+                          for model in ("mobilenetv3_small", "no_such_model") for clients in (1, 4)}
+    for (server, model, clients), cell in cells.items():
+        assert cell["sent"] == 24 and not cell["time_limited"]
+        assert cell["ok"] + cell["errors"] == cell["sent"] == sum(cell["statuses"].values())
+        if model == "mobilenetv3_small":
+            assert cell["statuses"] == {"200": 24}
+            assert 0 < cell["p50_ms"] <= cell["p90_ms"] <= cell["p99_ms"]
+            assert cell["requests_per_s"] > 0 and cell["client_cpu_ms_per_request"] > 0
+        else:  # the servers answer 404 for a model they lack, and the bench counts it as errors
+            assert cell["statuses"] == {"404": 24} and cell["p50_ms"] is None
+
+    bare = results["bare_session_run"]
+    assert list(bare) == ["mobilenetv3_small"] and bare["mobilenetv3_small"]["runs"] == 20
+    assert bare["mobilenetv3_small"]["p50_ms"] > 0
+    assert {(v["model"], v["concurrency"]) for v in results["service_vs_baseline"]} == {
+        ("mobilenetv3_small", 1), ("mobilenetv3_small", 4), ("no_such_model", 1), ("no_such_model", 4)}
+    assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    table = finished.stdout.splitlines()
+    assert table[0].split()[:4] == ["server", "model", "clients", "req/s"]
+    rows = [line.split() for line in table if line.startswith(("service ", "baseline "))]
+    assert sorted((r[0], r[1], r[2], r[7]) for r in rows if r[1] in ("mobilenetv3_small", "no_such_model")) == sorted(
+        [(s, "mobilenetv3_small", c, "0/24") for s in ("service", "baseline") for c in ("1", "4")]
+        + [(s, "no_such_model", c, "24/24") for s in ("service", "baseline") for c in ("1", "4")])
+
+
+@pytest.mark.parametrize("url", ["http://192.0.2.10:8000", "http://bench.example:8000"])
+def test_bench_refuses_a_server_that_is_not_on_loopback(photos, tmp_path, url):
+    out = tmp_path / "results"
+    finished = subprocess.run([*BENCH, "--url", url, "--models", "effnet",
+                               "--image", str(photos["coffee"]), "--out", str(out)],
+                              capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2
+    assert "refusing non-loopback URL" in finished.stderr and "--allow-remote" in finished.stderr
+    assert not out.exists()
