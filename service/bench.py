@@ -330,7 +330,7 @@ def _find_key(document: object, key: str) -> object:
 # --- reporting -------------------------------------------------------------------------------
 
 COLUMNS = ("server", "model", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-           "bare p50 ms", "p50/bare")
+           "bare p50 ms", "p50/bare", "server CPU ms/req")
 
 
 def table_rows(cells: list[Cell], bare: dict[str, dict]) -> list[tuple[str, ...]]:
@@ -341,7 +341,7 @@ def table_rows(cells: list[Cell], bare: dict[str, dict]) -> list[tuple[str, ...]
         rows.append((cell.server, cell.model, str(cell.concurrency), f"{cell.requests_per_s:.1f}",
                      _ms(cell.p50_ms), _ms(cell.p90_ms), _ms(cell.p99_ms),
                      f"{cell.errors}/{cell.sent}", _ms(bare_p50),
-                     f"{ratio:.2f}" if ratio else "-"))
+                     f"{ratio:.2f}" if ratio else "-", _ms(cell.server_cpu_ms_per_request)))
     return rows
 
 

@@ -1,0 +1,167 @@
+"""onnxruntime sessions for every model of the repository, and the one `infer` call that runs them.
+
+Knows nothing of HTTP. Inference runs in a bounded thread pool, so however many requests arrive
+at once, at most `inference_workers` sessions run, each with `intra_op_threads` threads, and the
+time a request waits for a free worker is measured apart from the inference itself. A dynamic
+batcher can later sit inside `infer` (collect, run one batch, split) without changing callers.
+"""
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import InferenceFailed, ModelUnavailable, UnknownModel
+from service.model_repository import ModelFolder, ModelLoadError, verify
+from service.settings import Settings
+
+log = logging.getLogger("service.engine")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass
+class LoadedModel:
+    folder: ModelFolder
+    status: Literal["loading", "ready", "failed"] = "loading"
+    error: str | None = None
+    session: ort.InferenceSession | None = None
+    execution_provider: str | None = None
+    onnx_file: str | None = None
+    load_ms: float | None = None
+    warmup_ms: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+@dataclass(frozen=True)
+class Inference:
+    outputs: np.ndarray  # (batch, classes)
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+class Engine:
+    def __init__(self, folders: list[ModelFolder], settings: Settings,
+                 on_batch: Callable[[str, int], None] | None = None) -> None:
+        self.settings = settings
+        self.models = {f.name: LoadedModel(f) for f in folders}
+        self.workers = settings.resolved_inference_workers
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
+        self._on_batch = on_batch or (lambda model, size: None)
+        self.loading_done = False
+        if self.workers * settings.intra_op_threads > settings.cores:
+            log.warning("%d inference workers x %d intra-op threads oversubscribe %d cores",
+                        self.workers, settings.intra_op_threads, settings.cores)
+
+    # Start-up -----------------------------------------------------------------------------
+    def load_all(self) -> None:
+        """Create and warm every session, one model at a time; a failure stops only that model."""
+        for model in self.models.values():
+            try:
+                self._load(model)
+            except ModelLoadError as exc:
+                model.status, model.error = "failed", str(exc)
+            except Exception as exc:  # onnxruntime raises its own types for broken graphs
+                model.status, model.error = "failed", f"{type(exc).__name__}: {exc}"
+            if model.status == "failed":
+                log.error("model %s failed to load: %s", model.name, model.error)
+            else:
+                log.info("model %s ready on %s: load %.0f ms, warm-up %.0f ms", model.name,
+                         model.execution_provider, model.load_ms, model.warmup_ms)
+        self.loading_done = True
+
+    def _load(self, model: LoadedModel) -> None:
+        started = time.perf_counter()
+        verify(model.folder)
+        meta = model.folder.metadata
+        onnx_file = meta.model_file
+        # The contract allows the pre-optimised file only for the onnxruntime that wrote it.
+        if meta.optimized_model_file and meta.export.get("onnxruntime") == ort.__version__ \
+                and (model.folder.path / meta.optimized_model_file).is_file():
+            onnx_file = meta.optimized_model_file
+        model.session = ort.InferenceSession(str(model.folder.path / onnx_file),
+                                             sess_options=self._session_options(),
+                                             providers=self._providers())
+        self._check_signature(model)
+        model.onnx_file = onnx_file
+        model.execution_provider = model.session.get_providers()[0]
+        model.load_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        shape = [1 if d is None else d for d in meta.input.shape]
+        zeros = np.zeros(shape, dtype=np.float32)
+        for _ in range(self.settings.warmup_runs):
+            self.run(model, zeros)
+        model.warmup_ms = (time.perf_counter() - started) * 1000
+        model.status = "ready"
+
+    def _session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self.settings.intra_op_threads
+        options.inter_op_num_threads = self.settings.inter_op_threads
+        return options
+
+    def _providers(self) -> list[str]:
+        if self.settings.execution_provider == "cuda":
+            if CUDA in ort.get_available_providers():
+                return [CUDA, CPU]
+            log.warning("EXECUTION_PROVIDER=cuda but onnxruntime has no CUDA provider; using CPU")
+        return [CPU]
+
+    @staticmethod
+    def _check_signature(model: LoadedModel) -> None:
+        meta = model.folder.metadata
+        inputs = [i.name for i in model.session.get_inputs()]
+        outputs = [o.name for o in model.session.get_outputs()]
+        if inputs != [meta.input.name] or meta.output.name not in outputs:
+            raise ModelLoadError(f"graph has inputs {inputs} and outputs {outputs}; metadata says "
+                                 f"{meta.input.name!r} -> {meta.output.name!r}")
+
+    # Serving ------------------------------------------------------------------------------
+    def model(self, name: str) -> LoadedModel:
+        """The named model if it can serve; UnknownModel or ModelUnavailable otherwise."""
+        model = self.models.get(name)
+        if model is None:
+            raise UnknownModel(name, sorted(self.models))
+        if model.status != "ready":
+            raise ModelUnavailable(name, model.status, model.error)
+        return model
+
+    @staticmethod
+    def run(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+        """One bare session.run, on the caller's thread."""
+        meta = model.folder.metadata
+        return model.session.run([meta.output.name], {meta.input.name: batch})[0]
+
+    async def infer(self, name: str, batch: np.ndarray) -> Inference:
+        """Run a (batch, 3, H, W) array through the named model without blocking the event loop."""
+        model = self.model(name)
+        submitted = time.perf_counter()
+
+        def job() -> tuple[float, float, np.ndarray]:
+            started = time.perf_counter()
+            outputs = self.run(model, batch)
+            return started, time.perf_counter(), outputs
+
+        try:
+            started, finished, outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, job)
+        except Exception as exc:  # onnxruntime's errors, e.g. a shape the graph rejects
+            raise InferenceFailed(name, f"{type(exc).__name__}: {exc}") from exc
+        self._on_batch(name, batch.shape[0])
+        return Inference(outputs, (started - submitted) * 1000, (finished - started) * 1000,
+                         batch.shape[0])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,149 @@
+"""Every error a client can cause, and the one table that turns each into an HTTP response.
+
+The exception types know nothing of HTTP; they are raised near the cause (preprocess, engine,
+routes) and `STATUS_CODES` below is the only place that decides the status code.
+"""
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.routing import Match
+
+log = logging.getLogger("service.errors")
+
+ACCEPTED_FORMATS = ["JPEG", "PNG", "WebP", "GIF (first frame)", "BMP", "TIFF"]
+ACCEPTED_UPLOADS = ["multipart/form-data with the image in field 'file'",
+                    "a raw body with Content-Type image/* or application/octet-stream (POST)",
+                    "a raw body with PUT (curl -T)"]
+
+
+class ServiceError(Exception):
+    """A failure with a message for the client and extra JSON fields that help fix it."""
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class UnknownModel(ServiceError):
+    def __init__(self, model: str, models: list[str]) -> None:
+        super().__init__(f"unknown model {model!r}; valid names: {', '.join(models) or '(none)'}",
+                         models=models)
+
+
+class ModelUnavailable(ServiceError):
+    def __init__(self, model: str, status: str, reason: str | None) -> None:
+        super().__init__(f"model {model!r} is {status}" + (f": {reason}" if reason else ""),
+                         status=status)
+
+
+class EmptyBody(ServiceError):
+    def __init__(self) -> None:
+        super().__init__("empty body: send the image bytes", accepted_formats=ACCEPTED_FORMATS,
+                         accepted_uploads=ACCEPTED_UPLOADS)
+
+
+class UndecodableImage(ServiceError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"could not decode image: {reason}", accepted_formats=ACCEPTED_FORMATS)
+
+
+class UnsupportedMediaType(ServiceError):
+    def __init__(self, content_type: str) -> None:
+        super().__init__(f"unsupported Content-Type {content_type!r}",
+                         accepted_uploads=ACCEPTED_UPLOADS, accepted_formats=ACCEPTED_FORMATS)
+
+
+class MissingFileField(ServiceError):
+    def __init__(self, fields: list[str]) -> None:
+        super().__init__("multipart body has no file in field 'file'"
+                         + (f" (fields sent: {', '.join(fields)})" if fields else ""),
+                         accepted_uploads=ACCEPTED_UPLOADS)
+
+
+class TopKOutOfRange(ServiceError):
+    def __init__(self, top_k: int, classes: int) -> None:
+        super().__init__(f"top_k must be between 1 and {classes} (the model's class count), got {top_k}",
+                         max_top_k=classes)
+
+
+class BodyTooLarge(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than the limit of {limit} bytes (MAX_BODY_BYTES)",
+                         limit_bytes=limit)
+
+
+class ImageTooLarge(ServiceError):
+    def __init__(self, limit: int, width: int | None = None, height: int | None = None) -> None:
+        size = f"{width}x{height} = {width * height} pixels" if width and height else "decompression bomb"
+        super().__init__(f"image too large ({size}): the limit is {limit} pixels (MAX_IMAGE_PIXELS)",
+                         limit_pixels=limit)
+
+
+class InferenceFailed(ServiceError):
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"inference failed for model {model!r}: {reason}")
+
+
+STATUS_CODES: dict[type[ServiceError], int] = {
+    UnknownModel: 404,
+    ModelUnavailable: 503,
+    EmptyBody: 400,
+    UndecodableImage: 400,
+    UnsupportedMediaType: 415,
+    MissingFileField: 422,
+    TopKOutOfRange: 422,
+    BodyTooLarge: 413,
+    ImageTooLarge: 413,
+    InferenceFailed: 500,
+}
+
+
+def json_error(status_code: int, body: dict, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, headers=headers,
+                    media_type="application/json")
+
+
+def error_response(exc: ServiceError) -> Response:
+    return json_error(STATUS_CODES[type(exc)], {"error": exc.message, **exc.details})
+
+
+async def _service_error(request: Request, exc: ServiceError) -> Response:
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    body: dict = {"error": exc.detail if isinstance(exc.detail, str) else str(exc.detail)}
+    if exc.status_code == 405:
+        # Starlette names only the first route matching the path; POST and PUT are two routes.
+        allowed = sorted({m for r in request.app.routes if r.matches(request.scope)[0] == Match.PARTIAL
+                          for m in getattr(r, "methods", None) or ()})
+        headers = {"Allow": ", ".join(allowed)}
+        return json_error(405, {"error": f"method {request.method} not allowed on {request.url.path}; "
+                                         f"allowed: {', '.join(allowed)}"}, headers=headers)
+    elif exc.status_code == 404 and exc.detail == "Not Found":
+        body = {"error": f"no route {request.url.path}; see /docs"}
+    return json_error(exc.status_code, body, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    problems = [{"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
+                for e in exc.errors()]
+    message = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
+    return json_error(422, {"error": f"invalid request: {message}", "problems": problems})
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return json_error(500, {"error": f"internal error: {type(exc).__name__}"})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

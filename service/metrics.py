@@ -1,0 +1,135 @@
+"""The one place that records every timing: Prometheus series and the human latency comparison.
+
+Both views come from the same `observe_request` call: the Prometheus histograms for scraping and
+aggregation, and a window of the most recent per-stage timings per model for exact percentiles
+as JSON or a terminal table. Each app gets its own registry, so several apps can live in a process.
+"""
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import ProcessCollector
+
+STAGES = ("decode", "preprocess", "queue", "inference", "total")
+# Seconds, as Prometheus names them; dense between 1 and 500 ms where these CNNs on CPU live.
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                   0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+UNKNOWN_MODEL = "_unknown"  # label for requests naming no served model, so labels stay bounded
+
+
+@dataclass
+class _ModelStats:
+    window: int
+    requests: int = 0
+    errors: int = 0
+    first: float | None = None
+    last: float | None = None
+    stages: dict[str, deque] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.stages = {stage: deque(maxlen=self.window) for stage in STAGES}
+
+
+class Metrics:
+    def __init__(self, window: int = 10_000) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds
+        self.stage_seconds = Histogram(
+            "cnn_serve_stage_duration_seconds", "Time per request stage (decode, preprocess, queue, "
+            "inference, total) of successful predictions", ["model", "stage"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("cnn_serve_requests", "Prediction requests by model and HTTP status",
+                                ["model", "status"], registry=self.registry)
+        self.in_flight = Gauge("cnn_serve_requests_in_flight", "Requests being handled now",
+                               registry=self.registry)
+        self.batch_size = Histogram("cnn_serve_batch_size", "Realised batch size per session.run",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.model_info = Info("cnn_serve_model", "Served model and its state", ["model"],
+                               registry=self.registry)
+        self.model_startup_seconds = Gauge("cnn_serve_model_startup_seconds",
+                                           "Session creation (load) and warm-up time",
+                                           ["model", "phase"], registry=self.registry)
+        self._window = window
+        self._stats: dict[str, _ModelStats] = {}
+        self._lock = threading.Lock()
+
+    def observe_request(self, model: str, status: int, timings_ms: dict[str, float] | None) -> None:
+        """Record one finished prediction request; timings only for successful ones."""
+        self.requests.labels(model=model, status=str(status)).inc()
+        now = time.monotonic()
+        with self._lock:
+            stats = self._stats.setdefault(model, _ModelStats(self._window))
+            stats.requests += 1
+            stats.errors += status >= 400
+            stats.first = stats.first or now
+            stats.last = now
+            for stage, ms in (timings_ms or {}).items():
+                stats.stages[stage].append(ms)
+        for stage, ms in (timings_ms or {}).items():
+            self.stage_seconds.labels(model=model, stage=stage).observe(ms / 1000)
+
+    def observe_batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model=model).observe(size)
+
+    def observe_model(self, model: str, info: dict[str, str], load_ms: float | None,
+                      warmup_ms: float | None) -> None:
+        self.model_info.labels(model=model).info(info)
+        if load_ms is not None:
+            self.model_startup_seconds.labels(model=model, phase="load").set(load_ms / 1000)
+        if warmup_ms is not None:
+            self.model_startup_seconds.labels(model=model, phase="warmup").set(warmup_ms / 1000)
+
+    def prometheus_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def summary(self) -> dict:
+        """Per model: requests, errors, throughput and mean/p50/p90/p99 per stage in ms."""
+        with self._lock:
+            snapshot = {m: (s.requests, s.errors, s.first, s.last,
+                            {k: list(v) for k, v in s.stages.items()})
+                        for m, s in sorted(self._stats.items())}
+        models = {}
+        for model, (requests, errors, first, last, stages) in snapshot.items():
+            span = (last - first) if first is not None and last is not None else 0.0
+            models[model] = {
+                "requests": requests,
+                "errors": errors,
+                "throughput_rps": round((requests - 1) / span, 2) if requests > 1 and span > 0 else None,
+                "stages_ms": {stage: _percentiles(values) for stage, values in stages.items() if values},
+            }
+        return {"window": self._window, "process_rss_bytes": process_rss_bytes(), "models": models}
+
+    def table(self) -> str:
+        """The summary as fixed-width text for a terminal."""
+        header = (f"{'model':<22}{'requests':>9}{'errors':>7}{'req/s':>8}  {'stage':<11}"
+                  f"{'mean':>8}{'p50':>8}{'p90':>8}{'p99':>8}  (ms)")
+        lines = [header, "-" * len(header)]
+        for model, s in self.summary()["models"].items():
+            rps = f"{s['throughput_rps']:.1f}" if s["throughput_rps"] is not None else "-"
+            lead = f"{model:<22}{s['requests']:>9}{s['errors']:>7}{rps:>8}  "
+            if not s["stages_ms"]:
+                lines.append(lead + "(no successful requests)")
+            for i, (stage, p) in enumerate(s["stages_ms"].items()):
+                lines.append((lead if i == 0 else " " * len(lead)) + f"{stage:<11}{p['mean']:>8.2f}"
+                             f"{p['p50']:>8.2f}{p['p90']:>8.2f}{p['p99']:>8.2f}")
+        return "\n".join(lines) + "\n"
+
+
+def process_rss_bytes() -> int | None:
+    try:  # Linux: resident pages are the second field of statm
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values)
+    p50, p90, p99 = np.percentile(array, [50, 90, 99])
+    return {"count": len(values), "mean": round(float(array.mean()), 3), "p50": round(float(p50), 3),
+            "p90": round(float(p90), 3), "p99": round(float(p99), 3)}

@@ -1,0 +1,131 @@
+"""Image bytes in, float32 NCHW array out, exactly as the model repository contract says.
+
+The steps are torchvision's `Resize(resize) + CenterCrop(crop) + ToTensor() + Normalize(mean, std)`
+on a PIL image. This module knows nothing of ONNX or HTTP; it raises the errors in `errors`.
+
+Choices a caller should know:
+- Transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited on white,
+  as a browser shows such an image, instead of keeping whatever colour hides under alpha = 0.
+- 16-bit grayscale (I;16) and 32-bit integer (I) images are scaled to 8 bits (value / 257);
+  Pillow's own convert() would clip everything above 255 to white.
+- A JPEG is decoded with Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while decoding,
+  never below the resize target on the shorter side, so a 12 MP photo is not decoded at full size.
+- Only the first frame of an animated image (GIF, WebP, APNG) is used.
+"""
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, PositiveFloat, PositiveInt, model_validator
+
+from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
+
+INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                 "bicubic": Image.Resampling.BICUBIC}
+TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+class Preprocessing(BaseModel):
+    """The `preprocessing` block of a model's metadata.json."""
+
+    resize: PositiveInt
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    crop: PositiveInt
+    color: Literal["RGB", "BGR"] = "RGB"
+    scale: PositiveFloat = 255.0
+    mean: tuple[float, float, float]
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "Preprocessing":
+        if self.crop > self.resize:
+            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
+        return self
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # 8-bit RGB, upright, possibly reduced by JPEG draft mode
+    width: int          # size of the upright image as stored in the file, before any reduction
+    height: int
+    format: str
+
+
+def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int) -> DecodedImage:
+    """Open any image Pillow knows, upright and as 8-bit RGB, reduced early when it is a big JPEG."""
+    if not data:
+        raise EmptyBody()
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(max_pixels, width, height)
+        image_format = image.format or "unknown"
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if image_format == "JPEG":
+            # Ask for at least resize x resize: libjpeg then keeps the shorter side >= resize.
+            image.draft(image.mode, (preprocessing.resize, preprocessing.resize))
+        image.load()
+        image = _to_rgb(image)
+        if orientation in range(2, 9):
+            image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(max_pixels) from exc
+    except UnidentifiedImageError as exc:
+        raise UndecodableImage("not an image format Pillow recognises") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        # Truncated or corrupt files surface as any of these from Pillow's decoders.
+        raise UndecodableImage(f"{type(exc).__name__}: {exc}") from exc
+    if orientation in TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return DecodedImage(image, width, height, image_format)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image  # convert() would copy it, which costs real time on a big photo
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.float32)
+        if mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """Shorter side to `resize`, longer side truncated, as torchvision's Resize(int) computes it."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """Resize, centre-crop and normalise an RGB image into a (1, 3, crop, crop) float32 array."""
+    p = preprocessing
+    width, height = resized_size(*image.size, p.resize)
+    if (width, height) != image.size:
+        image = image.resize((width, height), INTERPOLATION[p.interpolation])
+    top = int(round((height - p.crop) / 2.0))
+    left = int(round((width - p.crop) / 2.0))
+    image = image.crop((left, top, left + p.crop, top + p.crop))
+    pixels = np.asarray(image, dtype=np.float32)
+    if p.color == "BGR":
+        pixels = pixels[..., ::-1]
+    mean = np.asarray(p.mean, dtype=np.float32)
+    std = np.asarray(p.std, dtype=np.float32)
+    x = (pixels / np.float32(p.scale) - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[np.newaxis], dtype=np.float32)
+
+
+def preprocess(data: bytes, preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:
+    """decode + to_tensor, for callers that do not time the two stages apart."""
+    return to_tensor(decode(data, preprocessing, max_pixels).image, preprocessing)

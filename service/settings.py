@@ -1,0 +1,52 @@
+"""The service's configuration: one object, each field an environment variable of the same name."""
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _cores() -> int:
+    # Respect a CPU affinity mask (containers, taskset) rather than the host's core count.
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    # No prefix: the variables are named as the README documents them (MODEL_REPOSITORY, PORT...).
+    model_config = SettingsConfigDict(protected_namespaces=(), extra="ignore")
+
+    model_repository: Path = Field(Path("model_repository"),
+                                   description="Folder holding one sub-folder per model.")
+    host: str = Field("127.0.0.1", description="Address uvicorn binds to.")
+    port: int = Field(8000, description="Port uvicorn listens on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    execution_provider: Literal["cpu", "cuda"] = Field(
+        "cpu", description="cuda uses CUDAExecutionProvider when onnxruntime has it, else falls back to cpu.")
+    intra_op_threads: PositiveInt = Field(default_factory=_cores,
+                                          description="onnxruntime threads inside one inference.")
+    inter_op_threads: PositiveInt = Field(1, description="onnxruntime threads across graph branches.")
+    inference_workers: PositiveInt | None = Field(
+        None, description="Inferences run at once; default cores // INTRA_OP_THREADS (at least 1).")
+    preprocess_workers: PositiveInt = Field(default_factory=_cores,
+                                            description="Threads decoding and preprocessing images.")
+    warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")
+    strict_readiness: bool = Field(
+        True, description="Readiness stays 503 while any model failed to load (others keep serving).")
+
+    top_k: PositiveInt = Field(5, description="Default number of classes returned by /predict.")
+    max_body_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest request body accepted.")
+    max_image_pixels: PositiveInt = Field(40_000_000, description="Largest decoded image (width x height).")
+    stats_window: PositiveInt = Field(10_000, description="Recent requests per model kept for percentiles.")
+
+    @property
+    def cores(self) -> int:
+        return _cores()
+
+    @property
+    def resolved_inference_workers(self) -> int:
+        return self.inference_workers or max(1, self.cores // self.intra_op_threads)
