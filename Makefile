@@ -2,12 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 REPO ?= model_repository
-# Extra pip options, e.g. PIP_EXTRA='--extra-index-url https://download.pytorch.org/whl/cpu'
-# so that torch comes as the small CPU build.
-PIP_EXTRA ?=
+# Extra pip options. By default torch comes from PyTorch's CPU wheel index (PyPI's Linux wheel is
+# a CUDA build of several GB), unless PIP_FIND_LINKS already points pip at a local wheel folder.
+PIP_EXTRA ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# `make docker`: the image name and what follows `--weights` in the image's export.
+IMAGE ?= cnn-serve
+WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test bench clean
+.PHONY: setup export run test bench clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -24,6 +27,16 @@ run: export
 
 test: setup
 	$(BIN)/pytest
+
+docker:
+	docker build --build-arg WEIGHTS="$(WEIGHTS)" -t $(IMAGE) .
+
+# A Docker engine, `docker compose` and the base image, on machines without them (root, Debian).
+docker-setup:
+	.ci/docker-setup.sh
+
+ci:
+	.ci/run
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache
