@@ -1,8 +1,9 @@
 """The baseline the bench compares the service with: a plain FastAPI app, kept deliberately naive.
 
-A `def` endpoint takes the multipart upload, preprocesses it and calls `session.run` with one
-intra-op thread; FastAPI runs it in its threadpool. This was the best of the usual ways to serve
-these models on a small CPU machine, so the service is judged by how far it gets past it.
+A `def` endpoint takes the multipart upload, preprocesses it with the service's own `preprocess`
+and calls `session.run` with one intra-op thread; FastAPI runs it in its threadpool. This was the
+best of the usual ways to serve these models on a small CPU machine, so the service is judged by
+how far it gets past it.
 
     python -m service.baseline --model-repository DIR [--models a,b] [--port 8001]
 
@@ -11,7 +12,6 @@ It answers `POST /predict/{model}` (form field `file`, query `top_k`) and `GET /
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 from pathlib import Path
@@ -20,30 +20,14 @@ import numpy as np
 import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, File, HTTPException, UploadFile
-from PIL import Image, ImageOps
 from pydantic import BaseModel
 
-
-def preprocess(data: bytes, spec: dict) -> np.ndarray:
-    """Image bytes to a 1xCxHxW float32 array, exactly as docs/model-repository.md specifies."""
-    with Image.open(io.BytesIO(data)) as opened:
-        image = ImageOps.exif_transpose(opened).convert(spec["color"])
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    resized_long = int(spec["resize"] * long / short)
-    size = (spec["resize"], resized_long) if width <= height else (resized_long, spec["resize"])
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    crop = spec["crop"]
-    top = int(round((image.height - crop) / 2))
-    left = int(round((image.width - crop) / 2))
-    image = image.crop((left, top, left + crop, top + crop))
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(spec["scale"])
-    pixels = (pixels - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[np.newaxis])
+from service.preprocess import Preprocessing, preprocess
+from service.settings import Settings
 
 
 def model_file(model_dir: Path, metadata: dict) -> Path:
-    """The ONNX file the service would load: the optimized one only if made by this onnxruntime."""
+    """The ONNX file metadata.json names: the optimized one only if made by this onnxruntime."""
     optimized = metadata.get("optimized_model_file")
     if optimized and metadata.get("export", {}).get("onnxruntime") == ort.__version__:
         return model_dir / optimized
@@ -53,6 +37,7 @@ def model_file(model_dir: Path, metadata: dict) -> Path:
 class Model:
     def __init__(self, model_dir: Path) -> None:
         self.metadata = json.loads((model_dir / "metadata.json").read_text(encoding="utf-8"))
+        self.preprocessing = Preprocessing(**self.metadata["preprocessing"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -77,6 +62,7 @@ class PredictResponse(BaseModel):
 def create_app(repository: Path, names: list[str] | None = None) -> FastAPI:
     folders = sorted(p.parent for p in repository.glob("*/metadata.json"))
     models = {d.name: Model(d) for d in folders if names is None or d.name in names}
+    max_pixels = Settings().max_image_pixels
     app = FastAPI(title="baseline")
 
     @app.get("/health/ready")
@@ -88,7 +74,7 @@ def create_app(repository: Path, names: list[str] | None = None) -> FastAPI:
         if name not in models:
             raise HTTPException(404, f"unknown model {name!r}")
         model = models[name]
-        x = preprocess(file.file.read(), model.metadata["preprocessing"])
+        x = preprocess(file.file.read(), model.preprocessing, max_pixels)
         logits = model.session.run(None, {model.metadata["input"]["name"]: x})[0][0]
         probabilities = np.exp(logits - logits.max())
         probabilities /= probabilities.sum()

@@ -36,9 +36,12 @@ from urllib.parse import urlsplit
 import numpy as np
 import onnxruntime as ort
 
-from service.baseline import model_file, preprocess
+from service.baseline import model_file
+from service.preprocess import Preprocessing, preprocess
+from service.settings import Settings
 
 READY_TIMEOUT_S = 120.0
+GRACE_S = 10.0
 
 
 class BenchError(Exception):
@@ -93,35 +96,49 @@ class Phase:
     """Requests still to send in one phase of a cell, and what came back."""
 
     to_send: int
-    deadline: float
+    deadline: float  # event-loop time after which no request is sent
     latencies_ms: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     sent: int = 0
 
 
-async def _client(host: str, port: int, request: bytes, phase: Phase, timeout: float,
-                  connection: list) -> None:
-    """One client: send the request, await the answer, repeat, over one kept-alive connection."""
-    while phase.sent < phase.to_send and time.perf_counter() < phase.deadline:
-        phase.sent += 1
-        start = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout):
-                if not connection:
-                    connection.extend(await asyncio.open_connection(host, port))
-                reader, writer = connection
-                writer.write(request)
-                status, keep = await _read_response(reader)
-            outcome = str(status)
-        except (OSError, EOFError, TimeoutError, ValueError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError) as error:
-            outcome, keep = type(error).__name__, False
-        if outcome == "200":
-            phase.latencies_ms.append((time.perf_counter() - start) * 1000.0)
-        phase.statuses[outcome] = phase.statuses.get(outcome, 0) + 1
-        if not keep and connection:
-            connection[1].close()
-            connection.clear()
+class Client:
+    """One simulated user: sends the request, awaits the answer, repeats, on one kept-alive connection."""
+
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        self.host, self.port, self.request = host, port, request
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def run(self, phase: Phase) -> None:
+        loop = asyncio.get_running_loop()
+        while phase.sent < phase.to_send and loop.time() < phase.deadline:
+            phase.sent += 1
+            start = time.perf_counter()
+            try:
+                # A request in flight at the deadline gets a grace period, then counts as an error.
+                async with asyncio.timeout_at(phase.deadline + GRACE_S):
+                    status, keep = await self._exchange()
+                outcome = str(status)
+            except (OSError, EOFError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError) as error:
+                outcome, keep = type(error).__name__, False
+            if outcome == "200":
+                phase.latencies_ms.append((time.perf_counter() - start) * 1000.0)
+            phase.statuses[outcome] = phase.statuses.get(outcome, 0) + 1
+            if not keep:
+                self.close()
+
+    async def _exchange(self) -> tuple[int, bool]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(self.request)
+        return await _read_response(self.reader)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
 @dataclass
@@ -152,28 +169,27 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 async def _load(host: str, port: int, request: bytes, concurrency: int, warmup: int,
-                requests: int, time_limit: float) -> tuple[Phase, float, float, bool]:
-    deadline = time.perf_counter() + time_limit
-    connections: list[list] = [[] for _ in range(concurrency)]
+                requests: int, time_limit: float) -> tuple[Phase, int, float, float]:
+    deadline = asyncio.get_running_loop().time() + time_limit
+    clients = [Client(host, port, request) for _ in range(concurrency)]
     try:
         warm = Phase(warmup, deadline)
-        await asyncio.gather(*(_client(host, port, request, warm, time_limit, c) for c in connections))
+        await asyncio.gather(*(client.run(warm) for client in clients))
         measured = Phase(requests, deadline)
         cpu, start = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(_client(host, port, request, measured, time_limit, c) for c in connections))
+        await asyncio.gather(*(client.run(measured) for client in clients))
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
-        for connection in connections:
-            if connection:
-                connection[1].close()
-    return measured, wall, cpu, measured.sent < requests
+        for client in clients:
+            client.close()
+    return measured, warm.sent, wall, cpu
 
 
 def run_cell(server: "Server", model: str, request: bytes, concurrency: int, warmup: int,
              requests: int, time_limit: float) -> Cell:
     """Drive one server with `concurrency` clients and summarise what it did."""
     server_cpu = server.cpu_seconds()
-    phase, wall, client_cpu, limited = asyncio.run(
+    phase, warm_sent, wall, client_cpu = asyncio.run(
         _load(server.host, server.port, request, concurrency, warmup, requests, time_limit)
     )
     server_cpu_after = server.cpu_seconds()
@@ -182,14 +198,14 @@ def run_cell(server: "Server", model: str, request: bytes, concurrency: int, war
     return Cell(
         server=server.name, model=model, concurrency=concurrency, requests=requests,
         sent=phase.sent, ok=ok, errors=phase.sent - ok, statuses=phase.statuses,
-        time_limited=limited, wall_s=round(wall, 3),
+        time_limited=phase.sent < requests, wall_s=round(wall, 3),
         requests_per_s=round(ok / wall, 2) if wall > 0 else 0.0,
         p50_ms=_percentile(phase.latencies_ms, 50), p90_ms=_percentile(phase.latencies_ms, 90),
         p99_ms=_percentile(phase.latencies_ms, 99),
         mean_ms=round(float(np.mean(phase.latencies_ms)), 3) if ok else None,
         client_cpu_ms_per_request=round(client_cpu * per_request, 3),
-        # Includes the server's warm-up requests, so a slight overestimate at tiny budgets.
-        server_cpu_ms_per_request=(round((server_cpu_after - server_cpu) * 1000.0 / max(phase.sent + warmup, 1), 3)
+        # Over warm-up and measured requests: the server's CPU is only read before and after both.
+        server_cpu_ms_per_request=(round((server_cpu_after - server_cpu) * 1000.0 / max(phase.sent + warm_sent, 1), 3)
                                    if server_cpu is not None and server_cpu_after is not None else None),
     )
 
@@ -206,7 +222,8 @@ def bare_session_run(model_dir: Path, image: bytes, threads: int, runs: int,
     options.inter_op_num_threads = 1
     path = model_file(model_dir, metadata)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {metadata["input"]["name"]: preprocess(image, metadata["preprocessing"])}
+    x = preprocess(image, Preprocessing(**metadata["preprocessing"]), Settings().max_image_pixels)
+    feed = {metadata["input"]["name"]: x}
     for _ in range(5):
         session.run(None, feed)
     timings, deadline = [], time.perf_counter() + time_limit
@@ -340,7 +357,7 @@ def table_rows(cells: list[Cell], bare: dict[str, dict]) -> list[tuple[str, ...]
         ratio = cell.p50_ms / bare_p50 if cell.p50_ms and bare_p50 else None
         rows.append((cell.server, cell.model, str(cell.concurrency), f"{cell.requests_per_s:.1f}",
                      _ms(cell.p50_ms), _ms(cell.p90_ms), _ms(cell.p99_ms),
-                     f"{cell.errors}/{cell.sent}", _ms(bare_p50),
+                     f"{cell.errors}/{cell.sent}" + ("*" if cell.time_limited else ""), _ms(bare_p50),
                      f"{ratio:.2f}" if ratio else "-", _ms(cell.server_cpu_ms_per_request)))
     return rows
 
@@ -513,6 +530,8 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
 def report(results: dict) -> str:
     cells = [Cell(**c) for c in results["cells"]]
     lines = [format_table(COLUMNS, table_rows(cells, results["bare_session_run"]))]
+    if any(c.time_limited for c in cells):
+        lines.append("* stopped by --time-limit before all --requests were sent")
     versus = results["service_vs_baseline"]
     if versus:
         lines += ["", format_table(
