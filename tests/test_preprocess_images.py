@@ -1,0 +1,168 @@
+"""Any image a user uploads becomes the tensor the contract describes, whatever its format or mode."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
+from service.preprocess import Preprocessing, decode, preprocess, to_tensor
+from tests.service_fixtures import IMAGENET, ONE_GRAY_LEVEL, encode, reference_tensor
+
+PREPROCESSING = Preprocessing(**IMAGENET)
+NO_LIMIT = 10**9
+
+
+def served(data: bytes) -> np.ndarray:
+    return preprocess(data, PREPROCESSING, NO_LIMIT)
+
+
+@pytest.fixture(scope="module")
+def chelsea(photos) -> Image.Image:
+    return Image.open(photos["chelsea"]).convert("RGB")
+
+
+def test_a_png_gives_exactly_the_contracts_resize_crop_and_normalise(chelsea):
+    tensor = served(encode(chelsea, "PNG"))
+    assert tensor.shape == (1, 3, 224, 224) and tensor.dtype == np.float32
+    np.testing.assert_allclose(tensor, reference_tensor(chelsea), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (256, 256), (257, 1000), (259, 256)])
+def test_portrait_landscape_and_square_images_are_cropped_at_the_centre(chelsea, size):
+    image = chelsea.resize(size)
+    np.testing.assert_allclose(served(encode(image, "PNG")), reference_tensor(image), atol=1e-5)
+
+
+def test_the_cifar_sized_models_get_their_own_32_pixel_tensor(chelsea):
+    cifar = {**IMAGENET, "resize": 32, "crop": 32, "mean": (0.4914, 0.4822, 0.4465),
+             "std": (0.2470, 0.2435, 0.2616)}
+    tensor = preprocess(encode(chelsea, "PNG"), Preprocessing(**cifar), NO_LIMIT)
+    assert tensor.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(tensor, reference_tensor(chelsea, cifar), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}),
+                                          ("TIFF", {})])
+def test_lossless_formats_of_the_same_photo_give_the_same_tensor(chelsea, fmt, options):
+    np.testing.assert_allclose(served(encode(chelsea, fmt, **options)), reference_tensor(chelsea),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_lossy_formats_stay_within_a_few_gray_levels_of_the_original(chelsea, fmt):
+    difference = np.abs(served(encode(chelsea, fmt, quality=95)) - reference_tensor(chelsea))
+    assert difference.mean() < 2 * ONE_GRAY_LEVEL
+
+
+def test_a_cmyk_jpeg_gives_what_its_rgb_twin_gives(chelsea):
+    rgb = served(encode(chelsea, "JPEG", quality=95))
+    cmyk = served(encode(chelsea.convert("CMYK"), "JPEG", quality=95))
+    difference = np.abs(cmyk - rgb)
+    # CMYK JPEGs are not chroma-subsampled like RGB ones, so only compression noise may differ.
+    assert difference.mean() < 2 * ONE_GRAY_LEVEL and np.percentile(difference, 99) < 10 * ONE_GRAY_LEVEL
+
+
+def test_a_grayscale_photo_becomes_three_equal_channels(chelsea):
+    gray = chelsea.convert("L")
+    tensor = served(encode(gray, "PNG"))
+    np.testing.assert_allclose(tensor, reference_tensor(gray.convert("RGB")), atol=1e-5)
+    pixels = tensor[0] * np.array(IMAGENET["std"])[:, None, None] + np.array(IMAGENET["mean"])[:, None, None]
+    np.testing.assert_allclose(pixels[0], pixels[1], atol=1e-5)
+    np.testing.assert_allclose(pixels[1], pixels[2], atol=1e-5)
+
+
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped_to_white(chelsea):
+    gray = chelsea.convert("L")
+    sixteen = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)  # full 0..65535 range
+    assert sixteen.mode.startswith("I")
+    data = encode(sixteen, "PNG")
+    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I")  # really a 16-bit file
+    np.testing.assert_allclose(served(data), reference_tensor(gray.convert("RGB")), atol=1e-5)
+
+
+def test_an_opaque_rgba_png_equals_the_rgb_png(chelsea):
+    rgba = chelsea.copy()
+    rgba.putalpha(255)
+    np.testing.assert_allclose(served(encode(rgba, "PNG")), reference_tensor(chelsea), atol=1e-5)
+
+
+def test_transparent_pixels_are_composited_on_white(chelsea):
+    rgba = chelsea.copy()
+    alpha = np.zeros(chelsea.size[::-1], np.uint8)
+    alpha[:, : chelsea.width // 2] = 255  # left half opaque, right half fully transparent
+    rgba.putalpha(Image.fromarray(alpha))
+    expected = np.asarray(chelsea).copy()
+    expected[:, chelsea.width // 2:] = 255
+    np.testing.assert_allclose(served(encode(rgba, "PNG")), reference_tensor(Image.fromarray(expected)),
+                               atol=1e-5)
+
+
+def test_a_palette_gif_uses_its_first_frame_only(chelsea):
+    first = chelsea.quantize(256)
+    second = Image.new("RGB", chelsea.size, (0, 0, 255)).quantize(256)
+    data = encode(first, "GIF", save_all=True, append_images=[second], duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    np.testing.assert_allclose(served(data), reference_tensor(first.convert("RGB")), atol=1e-5)
+
+
+@pytest.mark.parametrize("orientation, stored_as", [
+    (3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)])
+def test_a_photo_stored_sideways_with_an_exif_orientation_is_turned_upright(chelsea, orientation,
+                                                                            stored_as):
+    stored = chelsea.transpose(stored_as)  # what a phone camera writes, plus the tag to undo it
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif)
+    decoded = decode(data, PREPROCESSING, NO_LIMIT)
+    assert (decoded.width, decoded.height) == chelsea.size
+    np.testing.assert_allclose(to_tensor(decoded.image, PREPROCESSING), reference_tensor(chelsea),
+                               atol=1e-5)
+    assert not np.allclose(served(encode(stored, "PNG")), reference_tensor(chelsea), atol=0.1)
+
+
+def test_an_exif_rotated_jpeg_matches_the_upright_jpeg(chelsea):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = served(encode(chelsea.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif))
+    upright = served(encode(chelsea, "JPEG", quality=95))
+    assert np.abs(rotated - upright).mean() < 2 * ONE_GRAY_LEVEL
+
+
+def test_a_12_megapixel_jpeg_is_decoded_reduced_and_stays_close_to_the_full_decode(chelsea):
+    data = encode(chelsea.resize((4000, 3000), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    decoded = decode(data, PREPROCESSING, NO_LIMIT)
+    assert (decoded.width, decoded.height) == (4000, 3000)  # reported as uploaded
+    assert 256 <= min(decoded.image.size) < 3000 / 4  # libjpeg scaled it by 1/8 while decoding
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    difference = np.abs(to_tensor(decoded.image, PREPROCESSING) - reference_tensor(full))
+    # Measured on this photo: mean 0.007, 99th percentile 0.035 (one gray level is 0.017).
+    assert difference.mean() < ONE_GRAY_LEVEL and np.percentile(difference, 99) < 5 * ONE_GRAY_LEVEL
+
+
+def test_more_pixels_than_the_limit_is_refused_before_decoding(chelsea):
+    with pytest.raises(ImageTooLarge, match=r"451x300 = 135300 pixels.*limit is 100000 pixels"):
+        decode(encode(chelsea, "PNG"), PREPROCESSING, 100_000)
+
+
+def test_pillows_decompression_bomb_guard_stays_on(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    bomb = encode(Image.new("L", (100, 100)), "PNG")  # 10 000 pixels > 2 x 1000: Pillow refuses
+    with pytest.raises(ImageTooLarge, match="decompression bomb"):
+        decode(bomb, PREPROCESSING, NO_LIMIT)
+
+
+@pytest.mark.parametrize("data, error, message", [
+    (b"", EmptyBody, "empty body"),
+    (b"this is not an image", UndecodableImage, "not an image format"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, UndecodableImage, "could not decode image"),
+])
+def test_bytes_that_are_no_image_say_what_was_wrong(data, error, message):
+    with pytest.raises(error, match=message):
+        served(data)
+
+
+def test_a_truncated_jpeg_is_reported_as_truncated(photos):
+    data = photos["rocket"].read_bytes()
+    with pytest.raises(UndecodableImage, match="truncated"):
+        served(data[: len(data) // 3])
