@@ -1,0 +1,115 @@
+"""`cnn-export`: build the networks, give them weights, and write the ONNX model repository.
+
+    python -m model_defs.export --out DIR [--models a,b] [--weights random|imagenet|DIR]
+                                [--allow-random-fallback] [--seed N]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from model_defs.onnx_export import ExportError
+from model_defs.registry import MODELS, ModelSpec
+from model_defs.repository import ExportedModel, write_model_folder
+from model_defs.weights import WeightsError, build_with_weights
+
+
+class UsageError(Exception):
+    """A command-line argument that cannot work; found before any model is built."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cnn-export", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="model repository folder to write")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated names (default: all of {', '.join(MODELS)})")
+    parser.add_argument("--weights", default="random",
+                        help="'random', 'imagenet' (torchvision's checkpoints, via torch.hub) or a folder "
+                             "holding <name>.pth / <name>.safetensors state_dicts (default: random)")
+    parser.add_argument("--allow-random-fallback", action="store_true",
+                        help="with --weights imagenet: use random weights (and say so in metadata) for "
+                             "models whose checkpoint does not exist or cannot be downloaded")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    return parser.parse_args(argv)
+
+
+def select_models(names: str) -> list[ModelSpec]:
+    requested = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in requested if name not in MODELS]
+    if unknown or not requested:
+        raise UsageError(f"unknown model {', '.join(unknown) or '(none given)'}; "
+                         f"valid names: {', '.join(MODELS)}")
+    return [MODELS[name] for name in dict.fromkeys(requested)]
+
+
+def check_weights(weights: str, specs: list[ModelSpec]) -> None:
+    if weights in ("random", "imagenet"):
+        return
+    directory = Path(weights)
+    if not directory.is_dir():
+        raise UsageError(f"--weights {weights}: not 'random', 'imagenet' or an existing folder")
+    missing = [spec.name for spec in specs
+               if not any((directory / f"{spec.name}{suffix}").is_file() for suffix in (".pth", ".safetensors"))]
+    if missing:
+        raise UsageError(f"--weights {weights}: no checkpoint for {', '.join(missing)} "
+                         f"(expected {missing[0]}.pth or {missing[0]}.safetensors)")
+
+
+def prepare_output(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+
+
+def summary_table(rows: list[tuple[ExportedModel, float]]) -> str:
+    header = f"{'name':<18} {'params':>10} {'MACs':>8} {'ONNX MB':>8} {'weights':<9} {'parity':>9} {'seconds':>7}"
+    lines = [header, "-" * len(header)]
+    for exported, seconds in rows:
+        m = exported.metadata
+        lines.append(f"{m['name']:<18} {m['params']:>10,} {m['macs'] / 1e6:>7.1f}M "
+                     f"{m['onnx']['size_bytes'] / 1e6:>8.1f} {m['weights']['kind']:<9} "
+                     f"{m['export']['parity']['max_abs_diff']:>9.1e} {seconds:>7.1f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> list[tuple[ExportedModel, float]]:
+    specs = select_models(args.models)
+    check_weights(args.weights, specs)
+    prepare_output(args.out)
+    rows = []
+    for index, spec in enumerate(specs, 1):
+        started = time.perf_counter()
+        model, weights = build_with_weights(spec, args.weights, args.seed, args.allow_random_fallback)
+        exported = write_model_folder(args.out, spec, model, weights, seed=args.seed)
+        seconds = time.perf_counter() - started
+        parity = exported.metadata["export"]["parity"]["max_abs_diff"]
+        print(f"[{index}/{len(specs)}] {spec.name}: {weights.kind} weights, "
+              f"{exported.metadata['onnx']['size_bytes'] / 1e6:.1f} MB, parity {parity:.1e}, {seconds:.1f} s",
+              flush=True)
+        if weights.note and weights.kind == "random" and args.weights != "random":
+            print(f"    note: {weights.note}", flush=True)
+        rows.append((exported, seconds))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        rows = run(args)
+    except (UsageError, WeightsError, ExportError) as error:
+        print(f"cnn-export: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+    print()
+    print(summary_table(rows))
+    print(f"\n{len(rows)} model(s) written to {os.fspath(args.out)} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Turn a PyTorch model into one self-contained ONNX file and prove onnxruntime computes the same."""
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from torch import nn
+
+from model_defs.registry import ModelSpec
+from model_defs.synthetic import synthetic_images
+
+OPSET = 18  # converting down to 17 fails inside onnx's version converter
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PARITY_BATCH_SIZES = (1, 4)
+# float32 reordering across ~50 layers moves logits by about 1e-6..3e-5 of their largest value;
+# a wrong op moves them by their own size. 1e-4 of the logit scale sits between the two.
+PARITY_RELATIVE_TOLERANCE = 1e-4
+
+
+class ExportError(Exception):
+    """A model could not be exported, or its ONNX file does not compute what the model does."""
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
+    """torch.export-based exporter (the maintained one), batch axis dynamic, weights inside the file."""
+    example = torch.zeros(2, 3, spec.input_size, spec.input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter logs missing optional torchvision ops and deprecations it raises itself.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+        except Exception as error:  # the exporter raises many types; the model name is what matters
+            raise ExportError(f"{spec.name}: ONNX export failed: {error}") from None
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, spec: ModelSpec, path: Path, seed: int) -> dict:
+    """Compare onnxruntime with PyTorch (eval) at batch 1 and 4 on photo-like inputs.
+
+    Returns `{"batch_sizes", "max_abs_diff", "top5_equal"}`; raises ExportError on a mismatch.
+    """
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = synthetic_images(max(PARITY_BATCH_SIZES), spec.preprocessing, seed)
+    max_abs_diff, scale, top5_equal = 0.0, 0.0, True
+    for batch_size in PARITY_BATCH_SIZES:
+        x = images[:batch_size]
+        expected = model.eval()(x).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        if got.shape != expected.shape:
+            raise ExportError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
+        max_abs_diff = max(max_abs_diff, float(np.abs(got - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+        top5 = lambda logits: np.argsort(-logits, axis=1)[:, :5]  # noqa: E731
+        top5_equal = top5_equal and bool((top5(got) == top5(expected)).all())
+    tolerance = PARITY_RELATIVE_TOLERANCE * max(1.0, scale)
+    if max_abs_diff > tolerance or not top5_equal:
+        raise ExportError(f"{spec.name}: onnxruntime disagrees with PyTorch: max abs diff {max_abs_diff:.3g} "
+                          f"(tolerance {tolerance:.3g}), top-5 equal: {top5_equal}")
+    return {"batch_sizes": list(PARITY_BATCH_SIZES), "max_abs_diff": max_abs_diff, "top5_equal": top5_equal}

@@ -1,0 +1,88 @@
+"""Write one model folder of the model repository (docs/model-repository.md, version 1)."""
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+from torch import nn
+
+from model_defs.macs import count_macs, count_params
+from model_defs.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, check_parity, export_onnx
+from model_defs.registry import ModelSpec
+from model_defs.weights import WeightsRecord, sha256_of
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    folder: Path
+    metadata: dict
+
+
+def build_metadata(spec: ModelSpec, model: nn.Module, weights: WeightsRecord, onnx_path: Path,
+                   labels: list[str], parity: dict) -> dict:
+    pre = spec.preprocessing
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": spec.name,
+        "architecture": spec.architecture,
+        "paper": {"title": spec.paper.title, "authors": spec.paper.authors, "year": spec.paper.year,
+                  "url": spec.paper.url},
+        "model_file": MODEL_FILE,
+        "optimized_model_file": None,
+        "onnx": {"opset": OPSET, "size_bytes": onnx_path.stat().st_size, "sha256": sha256_of(onnx_path)},
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
+                  "shape": [None, 3, spec.input_size, spec.input_size]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, len(labels)], "kind": "logits"},
+        "preprocessing": {"resize": pre.resize, "interpolation": pre.interpolation, "crop": pre.crop,
+                          "color": "RGB", "scale": 255.0, "mean": list(pre.mean), "std": list(pre.std)},
+        "labels": {"file": LABELS_FILE, "set": spec.labels.name, "count": len(labels)},
+        "params": count_params(model),
+        "macs": count_macs(model, spec.input_size),
+        "weights": weights.as_metadata(),
+        "export": {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+                   "onnxruntime": onnxruntime.__version__,
+                   "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "parity": parity},
+    }
+
+
+def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weights: WeightsRecord,
+                       seed: int = 0) -> ExportedModel:
+    """Export `model` into `<repository>/<name>/`, replacing any earlier export of it.
+
+    The folder is assembled under a hidden name and renamed at the end, so a reader of the
+    repository never sees a half-written model.
+    """
+    labels = spec.labels.read()
+    staging = repository / f".{spec.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with torch.no_grad():
+            classes = model.eval()(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[1]
+        if classes != len(labels):
+            raise ExportError(f"{spec.name}: {len(labels)} labels in {spec.labels.file.name} but the model "
+                              f"has {classes} outputs")
+        onnx_path = staging / MODEL_FILE
+        export_onnx(model, spec, onnx_path)
+        parity = check_parity(model, spec, onnx_path, seed=seed + 1)
+        metadata = build_metadata(spec, model, weights, onnx_path, labels, parity)
+        shutil.copyfile(spec.labels.file, staging / LABELS_FILE)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        folder = repository / spec.name
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportedModel(folder, metadata)
