@@ -385,6 +385,10 @@ def comparisons(cells: list[Cell]) -> list[dict]:
     return found
 
 
+def _clients(count: int) -> str:
+    return f"{count} client" + ("s" if count > 1 else "")
+
+
 def write_chart(cells: list[Cell], bare: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -400,12 +404,12 @@ def write_chart(cells: list[Cell], bare: dict[str, dict], path: Path) -> None:
     for i, (server, concurrency) in enumerate(series):
         values = [by_key[(server, concurrency, m)].requests_per_s if (server, concurrency, m) in by_key
                   else 0.0 for m in models]
-        throughput.bar(positions + i * width, values, width, label=f"{server}, {concurrency} clients",
+        throughput.bar(positions + i * width, values, width, label=f"{server}, {_clients(concurrency)}",
                        hatch="//" if server == "baseline" else None)
     lowest = min(c.concurrency for c in cells)
     latency_series = [("bare session.run", [bare.get(m, {}).get("p50_ms") or 0.0 for m in models])]
     for server in dict.fromkeys(c.server for c in cells):
-        latency_series.append((f"{server}, {lowest} client(s)",
+        latency_series.append((f"{server}, {_clients(lowest)}",
                                [(by_key.get((server, lowest, m)) and by_key[(server, lowest, m)].p50_ms) or 0.0
                                 for m in models]))
     lat_width = 0.8 / len(latency_series)
@@ -416,7 +420,8 @@ def write_chart(cells: list[Cell], bare: dict[str, dict], path: Path) -> None:
         axes.set_title(title)
         axes.set_ylabel(ylabel)
         axes.set_xticks(positions + w * (n - 1) / 2, models, rotation=30, ha="right")
-        axes.legend(fontsize=8)
+        axes.set_ylim(top=axes.get_ylim()[1] * 1.35)  # room for the legend above the bars
+        axes.legend(fontsize=8, loc="upper left", ncols=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
