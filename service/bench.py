@@ -220,6 +220,7 @@ def bare_session_run(model_dir: Path, image: bytes, threads: int, runs: int,
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     path = model_file(model_dir, metadata)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     x = preprocess(image, Preprocessing(**metadata["preprocessing"]), Settings().max_image_pixels)
@@ -278,16 +279,34 @@ class Server:
     host: str
     port: int
     process: subprocess.Popen | None = None
+    ready_s: float | None = None  # from process start to /health/ready answering 200
 
     def cpu_seconds(self) -> float | None:
-        """User+system CPU of a server we started, from /proc where there is one."""
+        """User+system CPU of a server we started (its main process), from /proc where there is one."""
+        stat = self._proc("stat")
+        if stat is None:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float | None:
+        status = self._proc("status")
+        for line in (status or "").splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "url": f"http://{self.host}:{self.port}", "started_here": bool(self.process),
+                "ready_s": self.ready_s, "rss_mb": self.rss_mb()}
+
+    def _proc(self, name: str) -> str | None:
         if self.process is None:
             return None
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return Path(f"/proc/{self.process.pid}/{name}").read_text()
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_ready(server: Server, timeout: float) -> None:
@@ -308,10 +327,12 @@ def started(name: str, command: list[str], env: dict[str, str], log: Path) -> It
     port = free_port()
     env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)}
     with open(log, "wb") as log_file:
+        start = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         server = Server(name, "127.0.0.1", port, process)
         try:
             wait_ready(server, READY_TIMEOUT_S)
+            server.ready_s = round(time.perf_counter() - start, 2)
             yield server
         finally:
             process.terminate()
@@ -527,6 +548,7 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
                      "warmup": args.warmup, "time_limit_s": args.time_limit,
                      "bare_intra_op_threads": threads, "url": args.url},
         "bare_session_run": bare,
+        "servers": [server.describe() for server in servers],  # RSS read after the last cell
         "cells": [asdict(c) for c in cells],
         "service_vs_baseline": comparisons(cells),
     }
@@ -543,8 +565,13 @@ def report(results: dict) -> str:
             ("model", "clients", "service/baseline req/s", "service p99 ms", "baseline p99 ms"),
             [(v["model"], str(v["concurrency"]), f"{v['throughput_ratio']:.2f}",
               _ms(v["service_p99_ms"]), _ms(v["baseline_p99_ms"])) for v in versus])]
+    lines.append("")
+    for server in results["servers"]:
+        if server["started_here"]:
+            lines.append(f"{server['name']}: ready {_ms(server['ready_s'])} s after start, "
+                         f"RSS {_ms(server['rss_mb'])} MB after the run")
     client_cpu = [c.client_cpu_ms_per_request for c in cells]
-    lines += ["", f"load generator CPU: {np.median(client_cpu):.3f} ms per request "
+    lines += [f"load generator CPU: {np.median(client_cpu):.3f} ms per request "
                   f"(median over cells, max {max(client_cpu):.3f})"]
     return "\n".join(lines)
 
