@@ -37,12 +37,18 @@ class OnnxFile(BaseModel):
     sha256: str
 
 
-class TensorSpec(BaseModel):
+class InputSpec(BaseModel):
     name: str
     dtype: Literal["float32"]
-    layout: Literal["NCHW"] | None = None
+    layout: Literal["NCHW"]
     shape: list[int | None]
-    kind: Literal["logits", "probabilities"] | None = None
+
+
+class OutputSpec(BaseModel):
+    name: str
+    dtype: Literal["float32"]
+    shape: list[int | None]
+    kind: Literal["logits", "probabilities"]
 
 
 class Labels(BaseModel):
@@ -70,8 +76,8 @@ class ModelMetadata(BaseModel):
     model_file: str
     optimized_model_file: str | None = None
     onnx: OnnxFile
-    input: TensorSpec
-    output: TensorSpec
+    input: InputSpec
+    output: OutputSpec
     preprocessing: Preprocessing
     labels: Labels
     params: int | None = None
