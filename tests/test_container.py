@@ -30,6 +30,7 @@ PROJECT = "cnn-serve-test"
 MODELS = ["effnet", "mobilenetv1", "mobilenetv2", "mobilenetv3_large", "mobilenetv3_small",
           "shufflenetv1", "shufflenetv2"]
 BUILD_TIMEOUT_S = 1800
+WHEEL_PORT = 38541
 HEALTHY_TIMEOUT_S = 240
 
 
@@ -59,7 +60,8 @@ def free_port() -> int:
 
 def report(request: pytest.FixtureRequest, line: str) -> None:
     # Measurements are printed, never asserted; written past the capture so CI logs show them.
-    request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"[container] {line}")
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n[container] {line}", flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,10 @@ def wheel_server() -> Iterator[list[str]]:
         return
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
     handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:  # a fixed port keeps the build argument, and so Docker's layer cache, the same across runs
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield ["--network", "host",
            "--build-arg", f"PIP_EXTRA_ARGS=--find-links http://127.0.0.1:{server.server_port}/"]
