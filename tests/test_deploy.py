@@ -169,3 +169,11 @@ def test_the_dashboard_queries_name_series_the_service_exports(dashboard, export
             for group in GROUPING.findall(expr):
                 for label in (g.strip() for g in group.split(",")):
                     assert any(label in s for s in labels), f"{name} has no label {label!r} to group by"
+
+
+def test_every_service_setting_can_be_passed_through_compose(compose):
+    from service.settings import Settings
+
+    fixed_by_the_image = {"MODEL_REPOSITORY", "HOST", "PORT"}
+    settings = {name.upper() for name in Settings.model_fields} - fixed_by_the_image
+    assert set(compose["services"]["cnn-serve"]["environment"]) == settings
