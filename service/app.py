@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                        thread_name_prefix="preprocess")
         started = time.perf_counter()
         # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
-        loading = asyncio.create_task(asyncio.to_thread(engine.load_all))
+        loading = asyncio.create_task(asyncio.to_thread(_load, engine))
         loading.add_done_callback(lambda _: _publish_models(engine, metrics, started))
         yield
         await loading
@@ -143,6 +143,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return json_error(200 if is_ready else 503, body.model_dump())
 
     return app
+
+
+def _load(engine: Engine) -> None:
+    preprocess.warm_up()
+    engine.load_all()
 
 
 def _prepare(data: bytes, preprocessing: preprocess.Preprocessing, max_pixels: int

@@ -37,8 +37,8 @@ class UnknownModel(ServiceError):
 
 class ModelUnavailable(ServiceError):
     def __init__(self, model: str, status: str, reason: str | None) -> None:
-        super().__init__(f"model {model!r} is {status}" + (f": {reason}" if reason else ""),
-                         status=status)
+        state = "failed to load" if status == "failed" else f"is {status}"
+        super().__init__(f"model {model!r} {state}" + (f": {reason}" if reason else ""), status=status)
 
 
 class EmptyBody(ServiceError):

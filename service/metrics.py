@@ -66,8 +66,9 @@ class Metrics:
             stats = self._stats.setdefault(model, _ModelStats(self._window))
             stats.requests += 1
             stats.errors += status >= 400
-            stats.first = stats.first or now
-            stats.last = now
+            if status < 400:  # throughput counts answered predictions, not refusals
+                stats.first = stats.first or now
+                stats.last = now
             for stage, ms in (timings_ms or {}).items():
                 stats.stages[stage].append(ms)
         for stage, ms in (timings_ms or {}).items():
@@ -96,10 +97,11 @@ class Metrics:
         models = {}
         for model, (requests, errors, first, last, stages) in snapshot.items():
             span = (last - first) if first is not None and last is not None else 0.0
+            ok = requests - errors
             models[model] = {
                 "requests": requests,
                 "errors": errors,
-                "throughput_rps": round((requests - 1) / span, 2) if requests > 1 and span > 0 else None,
+                "throughput_rps": round((ok - 1) / span, 2) if ok > 1 and span > 0 else None,
                 "stages_ms": {stage: _percentiles(values) for stage, values in stages.items() if values},
             }
         return {"window": self._window, "process_rss_bytes": process_rss_bytes(), "models": models}

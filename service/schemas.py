@@ -85,7 +85,7 @@ class ModelStats(BaseModel):
     requests: int
     errors: int
     throughput_rps: float | None = Field(
-        description="Requests per second between the first and last request in the window.")
+        description="Successful predictions per second between the first and the last of them.")
     stages_ms: dict[str, StageStats]
 
 

@@ -121,6 +121,18 @@ def test_a_photo_stored_sideways_with_an_exif_orientation_is_turned_upright(chel
     assert not np.allclose(served(encode(stored, "PNG")), reference_tensor(chelsea), atol=0.1)
 
 
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("CMYK", "JPEG"), ("P", "PNG")])
+def test_exif_orientation_survives_the_conversion_of_other_modes(chelsea, mode, fmt):
+    upright = chelsea.convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = encode(upright.transpose(Image.Transpose.ROTATE_270), fmt, exif=exif, quality=95)
+    decoded = decode(data, PREPROCESSING, NO_LIMIT)
+    assert (decoded.width, decoded.height) == chelsea.size
+    expected = served(encode(upright, fmt, quality=95))
+    assert np.abs(to_tensor(decoded.image, PREPROCESSING) - expected).mean() < 2 * ONE_GRAY_LEVEL
+
+
 def test_an_exif_rotated_jpeg_matches_the_upright_jpeg(chelsea):
     exif = Image.Exif()
     exif[0x0112] = 6

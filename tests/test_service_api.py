@@ -381,5 +381,5 @@ def test_a_corrupt_onnx_file_fails_that_model_only(model_repository, tmp_path, p
         image = photos["chelsea"].read_bytes()
         refused = httpx.put(server.url + "/predict/shufflenetv1", content=image)
         assert refused.status_code == 503
-        assert refused.json()["error"].startswith("model 'shufflenetv1' is failed: ")
+        assert refused.json()["error"].startswith("model 'shufflenetv1' failed to load: InvalidProtobuf")
         assert httpx.put(server.url + "/predict/shufflenetv2", content=image).status_code == 200
