@@ -25,6 +25,8 @@ from pydantic import BaseModel
 from service.preprocess import Preprocessing, preprocess
 from service.settings import Settings
 
+INTRA_OP_THREADS = 1  # with the threadpool running several requests at once, this used the cores best
+
 
 def model_file(model_dir: Path, metadata: dict) -> Path:
     """The ONNX file metadata.json names: the optimized one only if made by this onnxruntime."""
@@ -39,7 +41,7 @@ class Model:
         self.metadata = json.loads((model_dir / "metadata.json").read_text(encoding="utf-8"))
         self.preprocessing = Preprocessing(**self.metadata["preprocessing"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = INTRA_OP_THREADS
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
             str(model_file(model_dir, self.metadata)), options, providers=["CPUExecutionProvider"]

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import onnxruntime as ort
 
-from service.baseline import model_file
+from service.baseline import INTRA_OP_THREADS as BASELINE_THREADS, model_file
 from service.preprocess import Preprocessing, preprocess
 from service.settings import Settings
 
@@ -162,6 +162,8 @@ class Cell:
     mean_ms: float | None
     client_cpu_ms_per_request: float
     server_cpu_ms_per_request: float | None
+    intra_op_threads: int | None = None  # the server's, and so the bare run's beside it
+    bare_p50_ms: float | None = None
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -280,6 +282,7 @@ class Server:
     port: int
     process: subprocess.Popen | None = None
     ready_s: float | None = None  # from process start to /health/ready answering 200
+    intra_op_threads: int | None = None
 
     def cpu_seconds(self) -> float | None:
         """User+system CPU of a server we started (its main process), from /proc where there is one."""
@@ -298,7 +301,7 @@ class Server:
 
     def describe(self) -> dict:
         return {"name": self.name, "url": f"http://{self.host}:{self.port}", "started_here": bool(self.process),
-                "ready_s": self.ready_s, "rss_mb": self.rss_mb()}
+                "intra_op_threads": self.intra_op_threads, "ready_s": self.ready_s, "rss_mb": self.rss_mb()}
 
     def _proc(self, name: str) -> str | None:
         if self.process is None:
@@ -368,17 +371,18 @@ def _find_key(document: object, key: str) -> object:
 # --- reporting -------------------------------------------------------------------------------
 
 COLUMNS = ("server", "model", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-           "bare p50 ms", "p50/bare", "server CPU ms/req")
+           "threads", "bare p50 ms", "p50/bare", "server CPU ms/req")
 
 
-def table_rows(cells: list[Cell], bare: dict[str, dict]) -> list[tuple[str, ...]]:
+def table_rows(cells: list[Cell]) -> list[tuple[str, ...]]:
     rows = []
     for cell in cells:
-        bare_p50 = bare.get(cell.model, {}).get("p50_ms")
+        bare_p50 = cell.bare_p50_ms
         ratio = cell.p50_ms / bare_p50 if cell.p50_ms and bare_p50 else None
         rows.append((cell.server, cell.model, str(cell.concurrency), f"{cell.requests_per_s:.1f}",
                      _ms(cell.p50_ms), _ms(cell.p90_ms), _ms(cell.p99_ms),
-                     f"{cell.errors}/{cell.sent}" + ("*" if cell.time_limited else ""), _ms(bare_p50),
+                     f"{cell.errors}/{cell.sent}" + ("*" if cell.time_limited else ""),
+                     str(cell.intra_op_threads or "-"), _ms(bare_p50),
                      f"{ratio:.2f}" if ratio else "-", _ms(cell.server_cpu_ms_per_request)))
     return rows
 
@@ -410,7 +414,7 @@ def _clients(count: int) -> str:
     return f"{count} client" + ("s" if count > 1 else "")
 
 
-def write_chart(cells: list[Cell], bare: dict[str, dict], path: Path) -> None:
+def write_chart(cells: list[Cell], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,11 +432,13 @@ def write_chart(cells: list[Cell], bare: dict[str, dict], path: Path) -> None:
         throughput.bar(positions + i * width, values, width, label=f"{server}, {_clients(concurrency)}",
                        hatch="//" if server == "baseline" else None)
     lowest = min(c.concurrency for c in cells)
-    latency_series = [("bare session.run", [bare.get(m, {}).get("p50_ms") or 0.0 for m in models])]
+    latency_series = []
     for server in dict.fromkeys(c.server for c in cells):
-        latency_series.append((f"{server}, {_clients(lowest)}",
-                               [(by_key.get((server, lowest, m)) and by_key[(server, lowest, m)].p50_ms) or 0.0
-                                for m in models]))
+        lowest_cells = [by_key.get((server, lowest, m)) for m in models]
+        threads = next((c.intra_op_threads for c in lowest_cells if c), None)
+        latency_series.append((f"bare session.run, {threads} thread(s)",
+                               [(c and c.bare_p50_ms) or 0.0 for c in lowest_cells]))
+        latency_series.append((f"{server}, {_clients(lowest)}", [(c and c.p50_ms) or 0.0 for c in lowest_cells]))
     lat_width = 0.8 / len(latency_series)
     for i, (label, values) in enumerate(latency_series):
         latency.bar(positions + i * lat_width, values, lat_width, label=label)
@@ -518,24 +524,29 @@ def run(args: argparse.Namespace) -> dict:
                 "baseline", [sys.executable, "-m", "service.baseline", "--model-repository",
                              str(args.model_repository), "--models", ",".join(models)],
                 {}, args.out / "baseline.log")))
-        threads = args.intra_op_threads or server_threads(server) or cores()
-        return measure(args, image, models, servers, threads)
+            servers[-1].intra_op_threads = BASELINE_THREADS
+        server.intra_op_threads = args.intra_op_threads or server_threads(server) or cores()
+        return measure(args, image, models, servers)
 
 
-def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: list[Server],
-            threads: int) -> dict:
-    cells, bare = [], {}
+def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: list[Server]) -> dict:
+    cells, bare = [], []
     for model in models:
+        bare_p50 = {}
         # A name the repository lacks is still sent: the server's answers show as errors.
         if args.model_repository is not None and (args.model_repository / model / "metadata.json").exists():
-            bare[model] = bare_session_run(args.model_repository / model, image, threads,
-                                           args.bare_runs, args.time_limit)
+            for threads in dict.fromkeys(server.intra_op_threads for server in servers):
+                bare.append({"model": model, **bare_session_run(
+                    args.model_repository / model, image, threads, args.bare_runs, args.time_limit)})
+                bare_p50[threads] = bare[-1]["p50_ms"]
         for concurrency in args.concurrency:
             for server in servers:
                 request = multipart_request(server.host, server.port, f"/predict/{model}?top_k=5",
                                             image, args.image.name)
                 warmup = args.warmup if args.warmup is not None else max(10, 2 * concurrency)
                 cell = run_cell(server, model, request, concurrency, warmup, args.requests, args.time_limit)
+                cell.intra_op_threads = server.intra_op_threads
+                cell.bare_p50_ms = bare_p50.get(server.intra_op_threads)
                 cells.append(cell)
                 print(f"{server.name} {model} x{concurrency}: {cell.requests_per_s:.1f} req/s, "
                       f"p50 {_ms(cell.p50_ms)} ms, {cell.errors} errors", file=sys.stderr, flush=True)
@@ -545,8 +556,7 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
                     "python": platform.python_version(), "onnxruntime": ort.__version__},
         "image": {"name": args.image.name, "bytes": len(image)},
         "settings": {"concurrency": args.concurrency, "requests": args.requests,
-                     "warmup": args.warmup, "time_limit_s": args.time_limit,
-                     "bare_intra_op_threads": threads, "url": args.url},
+                     "warmup": args.warmup, "time_limit_s": args.time_limit, "url": args.url},
         "bare_session_run": bare,
         "servers": [server.describe() for server in servers],  # RSS read after the last cell
         "cells": [asdict(c) for c in cells],
@@ -556,7 +566,7 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
 
 def report(results: dict) -> str:
     cells = [Cell(**c) for c in results["cells"]]
-    lines = [format_table(COLUMNS, table_rows(cells, results["bare_session_run"]))]
+    lines = [format_table(COLUMNS, table_rows(cells))]
     if any(c.time_limited for c in cells):
         lines.append("* stopped by --time-limit before all --requests were sent")
     versus = results["service_vs_baseline"]
@@ -591,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {error}", file=sys.stderr)
         return 2
     (args.out / "bench.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    write_chart([Cell(**c) for c in results["cells"]], results["bare_session_run"], args.out / "bench.png")
+    write_chart([Cell(**c) for c in results["cells"]], args.out / "bench.png")
     print(report(results))
     print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     return 0

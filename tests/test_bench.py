@@ -33,9 +33,15 @@ def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository,
         else:  # the servers answer 404 for a model they lack, and the bench counts it as errors
             assert cell["statuses"] == {"404": 24} and cell["p50_ms"] is None
 
-    bare = results["bare_session_run"]
-    assert list(bare) == ["mobilenetv3_small"] and bare["mobilenetv3_small"]["runs"] == 20
-    assert bare["mobilenetv3_small"]["p50_ms"] > 0
+    # Bare session.run of the model file, once with each server's threads (the baseline's is 1).
+    bare = {(b["model"], b["intra_op_threads"]): b for b in results["bare_session_run"]}
+    threads = {s["name"]: s["intra_op_threads"] for s in results["servers"]}
+    assert threads["baseline"] == 1 and threads["service"] >= 1
+    assert set(bare) == {("mobilenetv3_small", t) for t in threads.values()}
+    assert all(b["runs"] == 20 and b["p50_ms"] > 0 for b in bare.values())
+    for (server, model, clients), cell in cells.items():
+        expected = bare[(model, threads[server])]["p50_ms"] if model == "mobilenetv3_small" else None
+        assert cell["bare_p50_ms"] == expected
     assert {(v["model"], v["concurrency"]) for v in results["service_vs_baseline"]} == {
         ("mobilenetv3_small", 1), ("mobilenetv3_small", 4)}
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
