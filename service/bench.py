@@ -436,7 +436,7 @@ def write_chart(cells: list[Cell], path: Path) -> None:
     for server in dict.fromkeys(c.server for c in cells):
         lowest_cells = [by_key.get((server, lowest, m)) for m in models]
         threads = next((c.intra_op_threads for c in lowest_cells if c), None)
-        latency_series.append((f"bare session.run, {threads} thread(s)",
+        latency_series.append((f"bare session.run, {threads} thread" + ("s" if threads != 1 else ""),
                                [(c and c.bare_p50_ms) or 0.0 for c in lowest_cells]))
         latency_series.append((f"{server}, {_clients(lowest)}", [(c and c.p50_ms) or 0.0 for c in lowest_cells]))
     lat_width = 0.8 / len(latency_series)
@@ -447,10 +447,9 @@ def write_chart(cells: list[Cell], path: Path) -> None:
         axes.set_title(title)
         axes.set_ylabel(ylabel)
         axes.set_xticks(positions + w * (n - 1) / 2, models, rotation=30, ha="right")
-        axes.set_ylim(top=axes.get_ylim()[1] * 1.35)  # room for the legend above the bars
-        axes.legend(fontsize=8, loc="upper left", ncols=2)
+        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=2)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
