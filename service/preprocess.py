@@ -29,6 +29,9 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # these swap width and height
+# Resize the whole image (exactly as torchvision) while the result is at most this many crops big;
+# only extreme aspect ratios (about 1:12 and beyond for 256 -> 224) take the windowed path.
+FULL_RESIZE_LIMIT = 16
 
 
 class Preprocessing(BaseModel):
@@ -116,11 +119,19 @@ def to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """Resize, centre-crop and normalise an RGB image into a (1, 3, crop, crop) float32 array."""
     p = preprocessing
     width, height = resized_size(*image.size, p.resize)
-    if (width, height) != image.size:
-        image = image.resize((width, height), INTERPOLATION[p.interpolation])
     top = int(round((height - p.crop) / 2.0))
     left = int(round((width - p.crop) / 2.0))
-    image = image.crop((left, top, left + p.crop, top + p.crop))
+    if width * height <= FULL_RESIZE_LIMIT * p.crop * p.crop:
+        if (width, height) != image.size:
+            image = image.resize((width, height), INTERPOLATION[p.interpolation])
+        image = image.crop((left, top, left + p.crop, top + p.crop))
+    else:
+        # A long strip (say 1 x 100000) would need gigabytes resized whole. Resample only the crop
+        # window: Pillow's `box` keeps the full resize's scale and filter support, so the result
+        # differs from resize-then-crop only by rare one-level rounding.
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + p.crop) * sx, (top + p.crop) * sy)
+        image = image.resize((p.crop, p.crop), INTERPOLATION[p.interpolation], box=box)
     pixels = np.asarray(image, dtype=np.float32)
     if p.color == "BGR":
         pixels = pixels[..., ::-1]

@@ -34,6 +34,14 @@ def test_portrait_landscape_and_square_images_are_cropped_at_the_centre(chelsea,
     np.testing.assert_allclose(served(encode(image, "PNG")), reference_tensor(image), atol=1e-5)
 
 
+def test_a_long_strip_is_preprocessed_without_resizing_it_whole(chelsea):
+    strip = chelsea.resize((4000, 40))  # resized whole it would be 25600 x 256
+    difference = np.abs(served(encode(strip, "PNG")) - reference_tensor(strip))
+    assert difference.max() <= ONE_GRAY_LEVEL * 1.01 and (difference > 1e-5).mean() < 0.01
+    thread = Image.new("RGB", (200_000, 1), (200, 100, 50))  # 51 200 000 x 256 resized whole
+    assert served(encode(thread, "PNG")).shape == (1, 3, 224, 224)
+
+
 def test_the_cifar_sized_models_get_their_own_32_pixel_tensor(chelsea):
     cifar = {**IMAGENET, "resize": 32, "crop": 32, "mean": (0.4914, 0.4822, 0.4465),
              "std": (0.2470, 0.2435, 0.2616)}
