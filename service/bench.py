@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import mimetypes
 import os
 import platform
 import socket
@@ -53,10 +54,11 @@ class BenchError(Exception):
 def multipart_request(host: str, port: int, path: str, image: bytes, filename: str) -> bytes:
     """One complete HTTP/1.1 request, built once and sent as is by every client."""
     boundary = uuid.uuid4().hex
+    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
     body = b"".join([
         f"--{boundary}\r\n".encode(),
         f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'.encode(),
-        b"Content-Type: image/jpeg\r\n\r\n",
+        f"Content-Type: {content_type}\r\n\r\n".encode(),
         image,
         f"\r\n--{boundary}--\r\n".encode(),
     ])
@@ -457,7 +459,7 @@ def write_chart(cells: list[Cell], path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--image", type=Path, required=True, help="a real photo to upload (JPEG)")
+    parser.add_argument("--image", type=Path, required=True, help="a real photo to upload, e.g. a 600x400 JPEG")
     parser.add_argument("--url", help="a running server; default: start `python -m service` here")
     parser.add_argument("--model-repository", type=Path, default=os.environ.get("MODEL_REPOSITORY"),
                         help="the repository the server serves (default: $MODEL_REPOSITORY)")
@@ -500,7 +502,10 @@ def _model_names(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    image = args.image.read_bytes()
+    try:
+        image = args.image.read_bytes()
+    except OSError as error:
+        raise BenchError(f"cannot read --image: {error}") from error
     models = _model_names(args)
     if args.url is None and args.model_repository is None:
         raise BenchError("to start a server, give --model-repository (or MODEL_REPOSITORY)")
