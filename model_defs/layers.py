@@ -66,7 +66,9 @@ class SqueezeExcitation(nn.Module):
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave the channels of `groups` groups (ShuffleNet), so group convs see every group."""
-    _, channels, height, width = x.shape
-    # -1 for the batch axis keeps it dynamic in the exported graph.
+    # Plain ints (not traced sizes) give the exported graph constant reshape targets instead of a
+    # shape-computing subgraph per shuffle; -1 keeps the batch axis dynamic. Only the batch axis
+    # of an exported model varies, so the constants hold for every valid input.
+    channels, height, width = (int(size) for size in x.shape[1:])
     x = x.reshape(-1, groups, channels // groups, height, width)
     return x.transpose(1, 2).reshape(-1, channels, height, width)

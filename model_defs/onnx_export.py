@@ -1,5 +1,4 @@
 """Turn a PyTorch model into one self-contained ONNX file and prove onnxruntime computes the same."""
-import logging
 import warnings
 from pathlib import Path
 
@@ -25,17 +24,20 @@ class ExportError(Exception):
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
-    """torch.export-based exporter (the maintained one), batch axis dynamic, weights inside the file."""
+    """One self-contained ONNX file (weights inside), batch axis dynamic.
+
+    The TorchScript exporter (`dynamo=False`): for these networks its graphs have the same nodes
+    as the torch.export-based exporter's and run as fast, and it exports in about a tenth of the
+    time (0.5 s against 5 s of CPU per model), which every `cnn-export` run and test session pays.
+    """
     example = torch.zeros(2, 3, spec.input_size, spec.input_size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    # The exporter logs missing optional torchvision ops and deprecations it raises itself.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
+        # Its deprecation notice, and tracer warnings about the shapes channel_shuffle fixes on purpose.
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, opset_version=OPSET,
+            torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         except Exception as error:  # the exporter raises many types; the model name is what matters
             raise ExportError(f"{spec.name}: ONNX export failed: {error}") from None
 
@@ -46,13 +48,18 @@ def check_parity(model: nn.Module, spec: ModelSpec, path: Path, seed: int) -> di
 
     Returns `{"batch_sizes", "max_abs_diff", "top5_equal"}`; raises ExportError on a mismatch.
     """
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = synthetic_images(max(PARITY_BATCH_SIZES), spec.preprocessing, seed)
     max_abs_diff, scale, top5_equal = 0.0, 0.0, True
+    session = None
     for batch_size in PARITY_BATCH_SIZES:
         x = images[:batch_size]
         expected = model.eval()(x).numpy()
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        try:
+            session = session or onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        except Exception as error:  # onnxruntime's error types share no base class but Exception
+            raise ExportError(f"{spec.name}: onnxruntime cannot run the exported file at batch {batch_size}: "
+                              f"{' '.join(str(error).split())}") from None
         if got.shape != expected.shape:
             raise ExportError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
         max_abs_diff = max(max_abs_diff, float(np.abs(got - expected).max()))

@@ -8,18 +8,20 @@ import torch.nn.functional as F
 
 from model_defs.registry import Preprocessing
 
+OCTAVE_AMPLITUDE = 0.12
+
 
 def synthetic_images(count: int, preprocessing: Preprocessing, seed: int) -> torch.Tensor:
     """`count` normalised NCHW float32 images at the model's crop size, the same for the same seed."""
     generator = torch.Generator().manual_seed(seed)
     size = preprocessing.crop
     pixels = torch.rand(count, 3, 1, 1, generator=generator).expand(count, 3, size, size).clone()
-    # Noise octaves from coarse to fine, amplitude falling with frequency (a 1/f-like spectrum).
+    # Noise octaves from coarse to fine with equal amplitude: the 1/f amplitude spectrum of
+    # natural images puts the same energy in every octave.
     side = 2
     while side <= size:
         noise = torch.randn(count, 3, side, side, generator=generator)
-        pixels += 0.5 * (2 / side) ** 0.5 * F.interpolate(noise, size=(size, size), mode="bilinear",
-                                                            align_corners=False)
+        pixels += OCTAVE_AMPLITUDE * F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
         side *= 2
     # A few flat-coloured rectangles give hard edges.
     for image in pixels:

@@ -70,8 +70,9 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
 
     Random running statistics either blow activations up or wash the input out (every image
     then gets the same answer). One train-mode pass with `momentum=None` stores the batch's
-    exact statistics. The last Linear layer is then rescaled so each class logit has mean 0 and
-    std 1 over the batch: a shared offset would otherwise give every photo the same top-1.
+    exact statistics. The last Linear layer is then shifted so each class logit has mean 0 over
+    the batch (a shared offset would otherwise give every photo the same top-1) and scaled so
+    the logits have std 1.
     """
     batch_norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in batch_norms:
@@ -85,9 +86,11 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
 
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     logits = model(images)
-    mean, std = logits.mean(0), logits.std(0).clamp_min(1e-6)
-    classifier.weight.div_(std[:, None])
-    classifier.bias.sub_(mean).div_(std)
+    mean = logits.mean(0)
+    # One scale for all classes: per-class spreads measured on a few images are too noisy.
+    scale = (logits - mean).std().clamp_min(1e-6)
+    classifier.weight.div_(scale)
+    classifier.bias.sub_(mean).div_(scale)
 
 
 def random_weights(spec: ModelSpec, model: nn.Module, seed: int, note: str = RANDOM_NOTE) -> WeightsRecord:
