@@ -1,6 +1,6 @@
 """A user's view of the service: a real `python -m service` over all seven exported models, real HTTP."""
 import asyncio
-import io
+import hashlib
 import json
 import re
 
@@ -12,7 +12,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.preprocess import Preprocessing, preprocess
-from tests.service_fixtures import copy_repository, encode, running_server
+from tests.service_fixtures import copy_repository, encode, rss_bytes, running_server
 
 MAX_BODY_BYTES = 2_000_000
 MAX_IMAGE_PIXELS = 20_000_000
@@ -24,7 +24,9 @@ def server(model_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("service") / "service.log"
     with running_server(model_repository, log, MAX_BODY_BYTES=str(MAX_BODY_BYTES),
                         MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS)) as server:
-        print(f"\nstart-up to ready with all models: {server.wait_ready():.2f} s")
+        ready_s = server.wait_ready()
+        print(f"\nstart-up to ready with all models: {ready_s:.2f} s, "
+              f"RSS {rss_bytes(server.process.pid) / 2**20:.0f} MiB")
         yield server
 
 
@@ -359,7 +361,7 @@ def test_a_corrupt_onnx_file_fails_that_model_only(model_repository, tmp_path, p
     garbage = b"this is not an onnx graph" * 100
     (broken / "model.onnx").write_bytes(garbage)
     meta = json.loads((broken / "metadata.json").read_text())
-    meta["onnx"].update(size_bytes=len(garbage), sha256=__import__("hashlib").sha256(garbage).hexdigest())
+    meta["onnx"].update(size_bytes=len(garbage), sha256=hashlib.sha256(garbage).hexdigest())
     (broken / "metadata.json").write_text(json.dumps(meta))
     # A file changed after export (one byte flipped): the recorded sha256 no longer matches.
     tampered = repository / "mobilenetv2" / "model.onnx"
