@@ -101,3 +101,11 @@ def test_state_dict_layout_equals_torchvision(name):
 def test_width_multipliers_scale_the_mobilenets():
     assert count_params(MobileNetV2(width_mult=0.5)) < count_params(MobileNetV2())
     assert count_params(MobileNetV3("small", width_mult=0.75)) < count_params(MobileNetV3("small"))
+
+
+def test_channel_shuffle_interleaves_the_groups():
+    from model_defs.layers import channel_shuffle
+    x = torch.arange(6.0).view(1, 6, 1, 1).expand(2, 6, 2, 3)
+    shuffled = channel_shuffle(x, groups=2)
+    assert shuffled[0, :, 0, 0].tolist() == [0, 3, 1, 4, 2, 5]
+    assert torch.equal(shuffled[1], shuffled[0])

@@ -66,6 +66,13 @@ def test_every_model_folder_in_the_exported_repository_follows_the_contract(mode
         assert metadata["architecture"] == spec.architecture
         assert metadata["paper"]["url"] == spec.paper.url
         assert metadata["weights"]["kind"] == "random"
+        expected_preprocessing = (
+            {"resize": 32, "crop": 32, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
+            if name == "effnet" else  # torchvision's ImageNet evaluation transform
+            {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+        assert metadata["preprocessing"] == {**expected_preprocessing, "interpolation": "bilinear",
+                                             "color": "RGB", "scale": 255.0}
+        assert metadata["labels"]["set"] == ("cifar-10" if name == "effnet" else "imagenet-1k")
         assert metadata["params"] == sum(p.numel() for p in spec.builder().parameters())
 
 
@@ -91,8 +98,13 @@ def test_export_refuses_an_onnx_file_that_computes_something_else(tmp_path):
     export_onnx(model, spec, tmp_path / "model.onnx")
     check_parity(model, spec, tmp_path / "model.onnx", seed=1)
     with torch.no_grad():
-        model.classifier.weight.mul_(1.01)  # a one percent slip in one layer
-    with pytest.raises(ExportError, match="^effnet: onnxruntime disagrees with PyTorch"):
+        model.classifier.bias.add_(0.01)  # every logit moves by 0.01: same ranking, wrong values
+    with pytest.raises(ExportError, match="^effnet: onnxruntime disagrees with PyTorch.*top-5 equal: True"):
+        check_parity(model, spec, tmp_path / "model.onnx", seed=1)
+    with torch.no_grad():
+        model.classifier.bias.sub_(0.01)
+        model.classifier.weight[3].mul_(1.5)  # one class's logits change: a different ranking
+    with pytest.raises(ExportError, match="^effnet: onnxruntime disagrees with PyTorch.*top-5 equal: False"):
         check_parity(model, spec, tmp_path / "model.onnx", seed=1)
 
 

@@ -41,7 +41,8 @@ def test_random_weights_give_different_photos_different_answers(name, photos):
     batch = torch.stack([preprocess(path, spec.preprocessing) for path in photos.values()])
     logits = logits_for(model, batch)
     top1 = logits.argmax(1).tolist()
-    assert len(set(top1)) >= 3, f"{name}: top-1 per photo {top1}"
+    # Five photos with independent answers among 1000 classes almost never share one; among 10, often.
+    assert len(set(top1)) >= (3 if name == "effnet" else 4), f"{name}: top-1 per photo {top1}"
     spread = logits.std(1)
     assert ((spread > 0.1) & (spread < 10)).all(), f"{name}: logits std per photo {spread.tolist()}"
 
@@ -89,6 +90,16 @@ def test_a_checkpoint_of_another_network_is_refused_naming_the_model_and_keys(tm
     assert "features.0.0.weight" not in message  # the same shape in both: not a bad key
     assert "unexpected keys" in message or "wrong shapes" in message
     assert "features.1.block" in message
+
+
+def test_a_checkpoint_missing_one_tensor_is_refused_naming_it(tmp_path):
+    model, _ = build_with_weights(MODELS["effnet"], "random")
+    state_dict = model.state_dict()
+    del state_dict["features.2.4.1.running_var"]
+    save_file(state_dict, str(tmp_path / "effnet.safetensors"))
+    with pytest.raises(WeightsError, match="effnet: effnet.safetensors does not match the model; "
+                                           "missing keys: features.2.4.1.running_var$"):
+        build_with_weights(MODELS["effnet"], str(tmp_path))
 
 
 def test_a_missing_custom_file_is_reported(tmp_path):
