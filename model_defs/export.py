@@ -13,7 +13,7 @@ from pathlib import Path
 from model_defs.onnx_export import ExportError
 from model_defs.registry import MODELS, ModelSpec
 from model_defs.repository import ExportedModel, write_model_folder
-from model_defs.weights import WeightsError, build_with_weights
+from model_defs.weights import CheckpointUnavailable, WeightsError, build_with_weights
 
 
 class UsageError(Exception):
@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run(args)
     except (UsageError, WeightsError, ExportError) as error:
-        print(f"cnn-export: error: {error}", file=sys.stderr)
+        hint = ""
+        if isinstance(error, CheckpointUnavailable):
+            hint = " (--allow-random-fallback exports it with random weights)"
+        print(f"cnn-export: error: {error}{hint}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
     print()
     print(summary_table(rows))

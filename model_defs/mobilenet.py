@@ -131,9 +131,12 @@ class BneckConf(NamedTuple):
     stride: int  # "s"
 
 
-def bneck_conf(in_c: int, k: int, exp: int, out_c: int, se: bool, nl: str, s: int, width_mult: float = 1.0) -> BneckConf:
-    adjust = partial(make_divisible, divisor=8)
-    return BneckConf(adjust(in_c * width_mult), k, adjust(exp * width_mult), adjust(out_c * width_mult), se, nl, s)
+def bneck_conf(in_c: int, k: int, exp: int, out_c: int, se: bool, nl: str, s: int,
+               width_mult: float = 1.0) -> BneckConf:
+    """One row of the paper's table, in its column order; channels scaled by the width multiplier."""
+    def adjust(channels: int) -> int:
+        return make_divisible(channels * width_mult, 8)
+    return BneckConf(adjust(in_c), k, adjust(exp), adjust(out_c), se, nl, s)
 
 
 def mobilenet_v3_setting(arch: str, width_mult: float = 1.0) -> tuple[list[BneckConf], int]:

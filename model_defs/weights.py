@@ -24,6 +24,10 @@ class WeightsError(Exception):
 class CheckpointUnavailable(WeightsError):
     """An ImageNet checkpoint does not exist for the model or could not be fetched."""
 
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason
+
 
 @dataclass(frozen=True)
 class WeightsRecord:
@@ -127,8 +131,7 @@ def load_strict(name: str, model: nn.Module, state_dict: object, origin: str) ->
 def imagenet_weights(spec: ModelSpec, model: nn.Module) -> WeightsRecord:
     """torchvision's checkpoint through torch.hub: cached under $TORCH_HOME, sha256 prefix checked."""
     if spec.checkpoint_url is None:
-        raise CheckpointUnavailable(f"{spec.name}: no ImageNet checkpoint exists for this model "
-                                    "(use --allow-random-fallback to export it with random weights)")
+        raise CheckpointUnavailable(spec.name, "no ImageNet checkpoint exists for this model")
     url = spec.checkpoint_url
     try:
         state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False,
@@ -138,7 +141,7 @@ def imagenet_weights(spec: ModelSpec, model: nn.Module) -> WeightsRecord:
             raise WeightsError(f"{spec.name}: checkpoint {url} failed its hash check: {error}") from None
         raise WeightsError(f"{spec.name}: cannot read checkpoint {url}: {error}") from None
     except (URLError, OSError) as error:
-        raise CheckpointUnavailable(f"{spec.name}: cannot download {url}: {error}") from None
+        raise CheckpointUnavailable(spec.name, f"cannot download {url} ({error})") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     load_strict(spec.name, model, state_dict, f"checkpoint {url}")
     return WeightsRecord("imagenet", url, sha256_of(cached), None)
@@ -184,8 +187,7 @@ def build_with_weights(spec: ModelSpec, weights: str, seed: int = 0,
                 raise
             model = spec.builder()
             record = random_weights(spec, model, seed,
-                                    note=f"ImageNet weights were requested but are unavailable ({error}). "
-                                    + RANDOM_NOTE)
+                                    note=f"ImageNet weights were requested: {error.reason}. {RANDOM_NOTE}")
     else:
         record = custom_weights(spec, model, Path(weights))
     return model.eval(), record
