@@ -1,0 +1,1 @@
+"""PyTorch definitions of the seven networks and their export to the ONNX model repository."""

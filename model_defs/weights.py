@@ -7,6 +7,7 @@ from urllib.error import URLError
 from urllib.parse import urlparse
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from model_defs.registry import ModelSpec
@@ -100,7 +101,7 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
 def random_weights(spec: ModelSpec, model: nn.Module, seed: int, note: str = RANDOM_NOTE) -> WeightsRecord:
     initialise(model, seed)
     calibrate(model, synthetic_images(CALIBRATION_IMAGES, spec.preprocessing, seed))
-    source = (f"torch.manual_seed({seed}); BatchNorm statistics and logit scale calibrated on "
+    source = (f"random init with seed {seed}; BatchNorm statistics and logit scale calibrated on "
               f"{CALIBRATION_IMAGES} synthetic images")
     return WeightsRecord("random", source, None, note)
 
@@ -163,7 +164,6 @@ def custom_weights(spec: ModelSpec, model: nn.Module, directory: Path) -> Weight
         if path.suffix == ".pth":
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            from safetensors.torch import load_file
             state_dict = load_file(path)
     except Exception as error:  # a corrupt or foreign file: report which one, whatever the reader raised
         raise WeightsError(f"{spec.name}: cannot read {path}: {error}") from None

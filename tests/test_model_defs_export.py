@@ -124,7 +124,7 @@ def test_cli_exports_the_chosen_models_and_prints_a_summary(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["effnet", "mobilenetv3_small"]
     for folder in out.iterdir():
         metadata = assert_model_folder_is_consistent(folder)
-        assert metadata["weights"]["source"].startswith("torch.manual_seed(5)")
+        assert metadata["weights"]["source"].startswith("random init with seed 5;")
 
 
 def test_cli_exports_custom_weights_and_records_their_file(tmp_path):
