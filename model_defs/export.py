@@ -1,4 +1,4 @@
-"""`cnn-export`: build the networks, give them weights, and write the ONNX model repository.
+"""Build the networks, give them weights and write the ONNX model repository (`cnn-export`).
 
     python -m model_defs.export --out DIR [--models a,b] [--weights random|imagenet|DIR]
                                 [--allow-random-fallback] [--seed N]
