@@ -151,15 +151,17 @@ def test_a_cat_photo_posted_to_mobilenetv3_large_comes_back_classified(stack, ph
 
 
 def test_every_model_in_the_image_is_listed_and_classifies_the_photo(stack, photos):
-    listed = httpx.get(f"{stack.url}/models", timeout=10).json()
-    names = sorted(m["name"] for m in (listed["models"] if isinstance(listed, dict) else listed))
-    assert names == MODELS
+    listed = httpx.get(f"{stack.url}/models", timeout=10).json()["models"]
+    assert sorted(m["name"] for m in listed) == MODELS
+    assert all(m["status"] == "ready" for m in listed)
 
     for model in MODELS:
         response = predict(stack, model, photos["chelsea"])
         assert response.status_code == 200, f"{model}: {response.text}"
-        assert response.json()["model"] == model
-        assert response.json()["predictions"], model
+        body = response.json()
+        assert body["model"] == model
+        assert body["weights"]["kind"] == "random"  # the build argument reached the export
+        assert len(body["predictions"]) == min(5, 10 if model == "effnet" else 1000)
 
 
 def test_metrics_count_the_requests_of_every_model(stack, photos):
@@ -167,12 +169,15 @@ def test_metrics_count_the_requests_of_every_model(stack, photos):
         assert predict(stack, model, photos["coffee"]).status_code == 200
 
     text = httpx.get(f"{stack.url}/metrics", timeout=10).text
-    requested = set()
+    succeeded, timed = set(), set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.endswith("_count") and sample.value > 0 and "model" in sample.labels:
-                requested.add(sample.labels["model"])
-    assert requested >= set(MODELS)
+            if sample.name == "cnn_serve_requests_total" and sample.labels["status"] == "200" and sample.value >= 1:
+                succeeded.add(sample.labels["model"])
+            if (sample.name == "cnn_serve_stage_duration_seconds_count" and sample.labels["stage"] == "total"
+                    and sample.value >= 1):
+                timed.add(sample.labels["model"])
+    assert succeeded == timed == set(MODELS)
 
     table = httpx.get(f"{stack.url}/metrics", params={"format": "table"}, timeout=10)
     assert table.status_code == 200
