@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Query, Request, Response
 from starlette.datastructures import UploadFile
@@ -17,8 +16,9 @@ from service import preprocess
 from service.engine import Engine, LoadedModel
 from service.errors import (MissingFileField, TopKOutOfRange, UnsupportedMediaType,
                             install_error_handlers, json_error)
-from service.metrics import Metrics
+from service.metrics import Metrics, server_timing
 from service.middleware import RequestObserver
+from service.open_inference import router as open_inference_router
 from service.model_repository import discover
 from service.postprocess import top_k as best_classes
 from service.schemas import (RANDOM_WEIGHTS_NOTE, ErrorBody, ImageInfo, Liveness, MetricsSummary,
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)
+    app.include_router(open_inference_router)
     app.add_middleware(RequestObserver, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        model_names=lambda: app.state.engine.models if hasattr(app.state, "engine") else ())
 
@@ -77,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         k = _checked_top_k(top_k, settings.top_k, meta.labels.count)
         data = await _image_bytes(request)
         decoded, tensor, decode_ms, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.preprocess_pool, _prepare, data, meta.preprocessing,
+            request.app.state.preprocess_pool, preprocess.prepare, data, meta.preprocessing,
             settings.max_image_pixels)
         inference = await engine.infer(model, tensor)
         predictions = [Prediction(label=served.folder.labels[i], class_id=i, probability=p)
@@ -86,8 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           inference=inference.inference_ms,
                           total=(time.perf_counter() - started) * 1000)
         request.state.timings = timings.model_dump()
-        response.headers["Server-Timing"] = ", ".join(
-            f"{stage};dur={ms:.2f}" for stage, ms in request.state.timings.items())
+        response.headers["Server-Timing"] = server_timing(request.state.timings)
         return PredictResponse(model=model, weights=_weights(served), predictions=predictions,
                                image=ImageInfo(width=decoded.width, height=decoded.height,
                                                format=decoded.format),
@@ -136,8 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine: Engine = request.app.state.engine
         statuses = {name: m.status for name, m in engine.models.items()}
         failed = {name: m.error or "" for name, m in engine.models.items() if m.status == "failed"}
-        is_ready = engine.loading_done and (not failed or not settings.strict_readiness) \
-            and any(s == "ready" for s in statuses.values())
+        is_ready = engine.is_ready(settings.strict_readiness)
         body = Readiness(ready=is_ready, loading_done=engine.loading_done, models=statuses,
                          failed=failed)
         return json_error(200 if is_ready else 503, body.model_dump())
@@ -148,16 +147,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _load(engine: Engine) -> None:
     preprocess.warm_up()
     engine.load_all()
-
-
-def _prepare(data: bytes, preprocessing: preprocess.Preprocessing, max_pixels: int
-             ) -> tuple[preprocess.DecodedImage, np.ndarray, float, float]:
-    """Decode then preprocess on a worker thread, timing the two stages apart."""
-    started = time.perf_counter()
-    decoded = preprocess.decode(data, preprocessing, max_pixels)
-    decoded_at = time.perf_counter()
-    tensor = preprocess.to_tensor(decoded.image, preprocessing)
-    return decoded, tensor, (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000
 
 
 async def _image_bytes(request: Request) -> bytes:

@@ -138,6 +138,11 @@ class Engine:
             raise ModelUnavailable(name, model.status, model.error)
         return model
 
+    def is_ready(self, strict: bool) -> bool:
+        """Loading is over, some model serves and, when strict, none failed."""
+        statuses = [m.status for m in self.models.values()]
+        return self.loading_done and "ready" in statuses and not (strict and "failed" in statuses)
+
     @staticmethod
     def run(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
         """One bare session.run, on the caller's thread."""

@@ -14,6 +14,7 @@ from starlette.routing import Match
 
 log = logging.getLogger("service.errors")
 
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 ACCEPTED_FORMATS = ["JPEG", "PNG", "WebP", "GIF (first frame)", "BMP", "TIFF"]
 ACCEPTED_UPLOADS = ["multipart/form-data with the image in field 'file'",
                     "a raw body with Content-Type image/* or application/octet-stream (POST)",
@@ -84,6 +85,19 @@ class ImageTooLarge(ServiceError):
                          limit_pixels=limit)
 
 
+class UnknownModelVersion(ServiceError):
+    def __init__(self, model: str, version: str, versions: list[str]) -> None:
+        super().__init__(f"model {model!r} has no version {version!r}; versions: {', '.join(versions)}",
+                         versions=versions)
+
+
+class InvalidInferenceRequest(ServiceError):
+    """An Open Inference Protocol request the model cannot take: names, datatypes, shapes, sizes."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid inference request: {reason}")
+
+
 class InferenceFailed(ServiceError):
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(f"inference failed for model {model!r}: {reason}")
@@ -99,6 +113,8 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     TopKOutOfRange: 422,
     BodyTooLarge: 413,
     ImageTooLarge: 413,
+    UnknownModelVersion: 404,
+    InvalidInferenceRequest: 400,
     InferenceFailed: 500,
 }
 
@@ -119,9 +135,11 @@ async def _service_error(request: Request, exc: ServiceError) -> Response:
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     body: dict = {"error": exc.detail if isinstance(exc.detail, str) else str(exc.detail)}
     if exc.status_code == 405:
-        # Starlette names only the first route matching the path; POST and PUT are two routes.
-        allowed = sorted({m for r in request.app.routes if r.matches(request.scope)[0] == Match.PARTIAL
-                          for m in getattr(r, "methods", None) or ()})
+        # Starlette names only the first route matching the path; POST and PUT are two routes, and
+        # an included router hides its routes' methods, so ask every route about every method.
+        allowed = [m for m in HTTP_METHODS
+                   if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
+                          for r in request.app.routes)]
         headers = {"Allow": ", ".join(allowed)}
         return json_error(405, {"error": f"method {request.method} not allowed on {request.url.path}; "
                                          f"allowed: {', '.join(allowed)}"}, headers=headers)

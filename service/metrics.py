@@ -122,6 +122,11 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def server_timing(timings_ms: dict[str, float]) -> str:
+    """A Server-Timing header value, e.g. `queue;dur=0.05, inference;dur=4.10`."""
+    return ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in timings_ms.items())
+
+
 def process_rss_bytes() -> int | None:
     try:  # Linux: resident pages are the second field of statm
         with open("/proc/self/statm") as f:

@@ -1,5 +1,6 @@
 """An ASGI layer around every request: body-size limit, in-flight gauge, metrics and one log line."""
 import logging
+import re
 import time
 from collections.abc import Callable, Collection
 
@@ -9,7 +10,9 @@ from service.errors import BodyTooLarge, error_response
 from service.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger("service.access")
-PREDICT_PREFIX = "/predict/"
+# Predictions, counted and timed per model: /predict and the Open Inference Protocol's infer.
+PREDICTION_PATH = re.compile(r"/predict/(?P<model>.+)"
+                             r"|/v2/models/(?P<oip_model>[^/]+)(/versions/[^/]+)?/infer")
 
 
 class RequestObserver:
@@ -56,10 +59,11 @@ class RequestObserver:
     def _observe(self, scope: Scope, status: int, elapsed_ms: float) -> None:
         path = scope["path"]
         timings = scope.get("state", {}).get("timings")
-        if not path.startswith(PREDICT_PREFIX):
+        prediction = PREDICTION_PATH.fullmatch(path)
+        if prediction is None:
             log.info("%s %s status=%d total=%.1fms", scope["method"], path, status, elapsed_ms)
             return
-        model = path[len(PREDICT_PREFIX):]
+        model = prediction["model"] or prediction["oip_model"]
         if model not in self.model_names():
             model = UNKNOWN_MODEL
         self.metrics.observe_request(model, status, timings if status == 200 else None)
