@@ -250,7 +250,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[InferenceReques
 
 def _wanted_outputs(body: InferenceRequest, meta: ModelMetadata) -> list[WantedOutput]:
     all_binary = body.parameters.get("binary_data_output") is True
-    if body.outputs is None:
+    if not body.outputs:  # none named: every output
         return [WantedOutput(meta.output.name, all_binary, None)]
     wanted = []
     for output in body.outputs:
@@ -381,11 +381,11 @@ def _encode(wanted: WantedOutput, scores: np.ndarray, served: LoadedModel
                 for row in scores]
         shape, datatype = [len(rows), wanted.classification], "BYTES"
         elements = [s for row in rows for s in row]
-        raw = b"".join(LENGTH_PREFIX.pack(len(s)) + s for s in elements)
+        raw = b"".join(LENGTH_PREFIX.pack(len(s)) + s for s in elements) if wanted.binary else b""
         data = [s.decode() for s in elements]
     else:
         shape, datatype = list(scores.shape), DATATYPES[served.folder.metadata.output.dtype]
-        raw = np.ascontiguousarray(scores, dtype="<f4").tobytes()
+        raw = np.ascontiguousarray(scores, dtype="<f4").tobytes() if wanted.binary else b""
         data = scores.ravel().tolist()
     if wanted.binary:
         return ResponseOutput(name=wanted.name, shape=shape, datatype=datatype,

@@ -174,6 +174,18 @@ def test_without_requested_outputs_every_output_comes_back_binary(client, model_
                                atol=1e-5)
 
 
+def test_an_empty_outputs_list_means_every_output_as_json(http, model_repository, photos):
+    batch = photo_batch(model_repository, CIFAR_MODEL, photos, ["coffee"])
+    response = http.post(f"/v2/models/{CIFAR_MODEL}/infer", json={
+        "inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
+                    "data": batch.tolist()}], "outputs": []})  # nested data, as the spec allows
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    [output] = response.json()["outputs"]
+    assert (output["name"], output["shape"], output["datatype"]) == ("logits", [1, 10], "FP32")
+    np.testing.assert_allclose(output["data"], onnxruntime_logits(model_repository, CIFAR_MODEL,
+                                                                  batch).ravel(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_binary_extension_works_over_raw_http_without_a_content_type(http, model_repository,
                                                                          photos):
     batch = photo_batch(model_repository, IMAGENET_MODEL, photos, ["coffee"])
