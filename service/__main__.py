@@ -1,15 +1,49 @@
-"""`python -m service` (or the `cnn-serve` script): serve the repository with uvicorn."""
+"""`python -m service` (or the `cnn-serve` script): serve the repository with uvicorn.
+
+On SIGTERM (or a first Ctrl-C) readiness turns 503 at once; requests keep being served for
+DRAIN_SECONDS so a load balancer can take the instance out, then uvicorn closes the listener and
+waits up to GRACEFUL_SHUTDOWN_SECONDS for the requests in flight before the process exits.
+"""
+import time
+from types import FrameType
+
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
 
 
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_seconds = drain_seconds
+        self.close_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.close_at is not None or self.drain_seconds == 0:  # a second signal, or no drain
+            self.app.state.draining = True
+            super().handle_exit(sig, frame)
+            return
+        self.app.state.draining = True
+        self._captured_signals.append(sig)  # uvicorn re-raises them once it has shut down
+        self.close_at = time.monotonic() + self.drain_seconds
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.close_at is not None and time.monotonic() >= self.close_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
 def main() -> None:
     settings = Settings()
+    app = create_app(settings)
     # Our own middleware logs one line per request with timings, so uvicorn's access log is off.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False,
+                            timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+    DrainingServer(config, app, settings.drain_seconds).run()
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ from contextlib import asynccontextmanager
 
 import orjson
 from fastapi import FastAPI, Query, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import UploadFile
 
 from service import preprocess
+from service.admission import Admission
 from service.engine import Engine, LoadedModel
-from service.errors import (MissingFileField, TopKOutOfRange, UnsupportedMediaType,
+from service.errors import (MissingFileField, TooManyFiles, TopKOutOfRange, UnsupportedMediaType,
                             install_error_handlers, json_error)
 from service.metrics import Metrics, server_timing
 from service.middleware import RequestObserver
@@ -34,7 +36,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
         "file": {"type": "string", "format": "binary"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(asyncio.to_thread(_load, engine))
         loading.add_done_callback(lambda _: _publish_models(engine, metrics, started))
         yield
+        app.state.draining = True  # also when run by plain uvicorn, which has no drain phase
         await loading
         engine.close()
         app.state.preprocess_pool.shutdown(wait=False, cancel_futures=True)
@@ -62,10 +65,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Models with random weights give meaningless predictions.")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.admission = Admission(settings.max_in_flight_per_model, settings.retry_after_seconds,
+                                    settings.request_timeout_seconds, metrics.registry)
+    app.state.draining = False  # set on SIGTERM: readiness says 503 while requests finish
     install_error_handlers(app)
     app.include_router(open_inference_router)
     app.add_middleware(RequestObserver, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-                       model_names=lambda: app.state.engine.models if hasattr(app.state, "engine") else ())
+                       model_names=lambda: app.state.engine.models if hasattr(app.state, "engine") else (),
+                       api_key=settings.api_key.get_secret_value() if settings.api_key else None)
+    if settings.cors_origin_list:  # outermost, so a browser's preflight needs no API key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                           allow_methods=["GET", "POST", "PUT"],
+                           allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type",
+                                          "Inference-Header-Content-Length"],
+                           expose_headers=["X-Request-ID", "Server-Timing", "Retry-After",
+                                           "Inference-Header-Content-Length"])
 
     async def predict(model: str, request: Request, response: Response,
                       top_k: int | None = Query(None, description="How many classes to return "
@@ -76,11 +90,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served = engine.model(model)
         meta = served.folder.metadata
         k = _checked_top_k(top_k, settings.top_k, meta.labels.count)
-        data = await _image_bytes(request)
-        decoded, tensor, decode_ms, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.preprocess_pool, preprocess.prepare, data, meta.preprocessing,
-            settings.max_image_pixels)
-        inference = await engine.infer(model, tensor)
+        async with request.app.state.admission.admit(model):
+            data = await _image_bytes(request)
+            decoded, tensor, decode_ms, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
+                request.app.state.preprocess_pool, preprocess.prepare, data, meta.preprocessing,
+                settings.max_image_pixels)
+            inference = await engine.infer(model, tensor)
         predictions = [Prediction(label=served.folder.labels[i], class_id=i, probability=p)
                        for i, p in best_classes(inference.outputs[0], meta.output.kind, k)]
         timings = Timings(decode=decode_ms, preprocess=preprocess_ms, queue=inference.queue_ms,
@@ -136,7 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine: Engine = request.app.state.engine
         statuses = {name: m.status for name, m in engine.models.items()}
         failed = {name: m.error or "" for name, m in engine.models.items() if m.status == "failed"}
-        is_ready = engine.is_ready(settings.strict_readiness)
+        is_ready = engine.is_ready(settings.strict_readiness) and not request.app.state.draining
         body = Readiness(ready=is_ready, loading_done=engine.loading_done, models=statuses,
                          failed=failed)
         return json_error(200 if is_ready else 503, body.model_dump())
@@ -154,10 +169,12 @@ async def _image_bytes(request: Request) -> bytes:
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
         async with request.form() as form:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
+            uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
+            if not uploads:
                 raise MissingFileField(list(form.keys()))
-            return await upload.read()
+            if len(uploads) > 1:
+                raise TooManyFiles(len(uploads))
+            return await uploads[0].read()
     if media_type in RAW_IMAGE_TYPES or media_type.startswith("image/"):
         return await request.body()
     raise UnsupportedMediaType(content_type)

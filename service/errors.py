@@ -24,6 +24,8 @@ ACCEPTED_UPLOADS = ["multipart/form-data with the image in field 'file'",
 class ServiceError(Exception):
     """A failure with a message for the client and extra JSON fields that help fix it."""
 
+    headers: dict[str, str] = {}  # HTTP headers the answer must carry, e.g. Retry-After
+
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
         self.message = message
@@ -66,6 +68,12 @@ class MissingFileField(ServiceError):
                          accepted_uploads=ACCEPTED_UPLOADS)
 
 
+class TooManyFiles(ServiceError):
+    def __init__(self, count: int) -> None:
+        super().__init__(f"multipart body has {count} files in field 'file'; send exactly one",
+                         accepted_uploads=ACCEPTED_UPLOADS)
+
+
 class TopKOutOfRange(ServiceError):
     def __init__(self, top_k: int, classes: int) -> None:
         super().__init__(f"top_k must be between 1 and {classes} (the model's class count), got {top_k}",
@@ -83,6 +91,27 @@ class ImageTooLarge(ServiceError):
         size = f"{width}x{height} = {width * height} pixels" if width and height else "decompression bomb"
         super().__init__(f"image too large ({size}): the limit is {limit} pixels (MAX_IMAGE_PIXELS)",
                          limit_pixels=limit)
+
+
+class Overloaded(ServiceError):
+    def __init__(self, model: str, limit: int, retry_after: int) -> None:
+        super().__init__(f"model {model!r} is at its limit of {limit} requests in flight "
+                         f"(MAX_IN_FLIGHT_PER_MODEL); retry after {retry_after} s",
+                         limit=limit, retry_after_seconds=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class RequestTimedOut(ServiceError):
+    def __init__(self, model: str, timeout: float) -> None:
+        super().__init__(f"request for model {model!r} took longer than {timeout:g} s "
+                         "(REQUEST_TIMEOUT_SECONDS)", timeout_seconds=timeout)
+
+
+class Unauthorized(ServiceError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}: send the API key as 'Authorization: Bearer <key>' or "
+                         "'X-API-Key: <key>'")
+        self.headers = {"WWW-Authenticate": "Bearer"}
 
 
 class UnknownModelVersion(ServiceError):
@@ -110,12 +139,16 @@ STATUS_CODES: dict[type[ServiceError], int] = {
     UndecodableImage: 400,
     UnsupportedMediaType: 415,
     MissingFileField: 422,
+    TooManyFiles: 422,
     TopKOutOfRange: 422,
     BodyTooLarge: 413,
     ImageTooLarge: 413,
     UnknownModelVersion: 404,
     InvalidInferenceRequest: 400,
     InferenceFailed: 500,
+    Overloaded: 503,
+    RequestTimedOut: 504,
+    Unauthorized: 401,
 }
 
 
@@ -125,7 +158,8 @@ def json_error(status_code: int, body: dict, headers: dict[str, str] | None = No
 
 
 def error_response(exc: ServiceError) -> Response:
-    return json_error(STATUS_CODES[type(exc)], {"error": exc.message, **exc.details})
+    return json_error(STATUS_CODES[type(exc)], {"error": exc.message, **exc.details},
+                      headers=exc.headers or None)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> Response:

@@ -44,7 +44,7 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 DATATYPES = {"float32": "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 LENGTH_PREFIX = struct.Struct("<I")
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
 
 
 # Wire shapes --------------------------------------------------------------------------------------
@@ -155,7 +155,8 @@ async def server_live() -> ServerLive:
 
 @router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
 async def server_ready(request: Request) -> Response:
-    ready = request.app.state.engine.is_ready(request.app.state.settings.strict_readiness)
+    ready = request.app.state.engine.is_ready(request.app.state.settings.strict_readiness) \
+        and not request.app.state.draining
     return json_error(200 if ready else 503, ServerReady(ready=ready).model_dump())
 
 
@@ -190,10 +191,11 @@ async def infer(model: str, request: Request, version: str | None = None) -> Res
     engine: Engine = request.app.state.engine
     served = _served(engine, model, version)
     meta = served.folder.metadata
-    body, binary = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-    wanted = _wanted_outputs(body, meta)
-    tensor, timings = await _input_tensor(request, body, binary, meta)
-    inference = await engine.infer(model, tensor)
+    async with request.app.state.admission.admit(model):
+        body, binary = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        wanted = _wanted_outputs(body, meta)
+        tensor, timings = await _input_tensor(request, body, binary, meta)
+        inference = await engine.infer(model, tensor)
     outputs, binaries = zip(*(_encode(w, inference.outputs, served) for w in wanted))
     timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                    total=(time.perf_counter() - started) * 1000)

@@ -3,7 +3,8 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import (Field, NonNegativeFloat, PositiveFloat, PositiveInt, SecretStr,
+                      field_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +44,25 @@ class Settings(BaseSettings):
     max_image_pixels: PositiveInt = Field(40_000_000, description="Largest decoded image (width x height).")
     stats_window: PositiveInt = Field(10_000, description="Recent requests per model kept for percentiles.")
 
+    # Reliability: overload, time limits, shutdown, access.
+    max_in_flight_per_model: PositiveInt = Field(
+        32, description="Predictions of one model admitted at once (reading, preprocessing, queued or "
+                        "running); past it a request is refused at once with 503 and Retry-After.")
+    retry_after_seconds: PositiveInt = Field(1, description="Retry-After sent with an overload 503.")
+    request_timeout_seconds: PositiveFloat = Field(
+        10.0, description="Longest a prediction may take, from admission (body upload included) to "
+                          "its answer; past it, 504.")
+    drain_seconds: NonNegativeFloat = Field(
+        0.0, description="After SIGTERM: readiness says 503 but requests are still served this long, "
+                         "so a load balancer can stop sending traffic, before the listener closes.")
+    graceful_shutdown_seconds: PositiveFloat = Field(
+        10.0, description="After the listener closes, longest wait for requests in flight to finish.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, predictions need `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed to call the API from a browser ('*' for any); "
+                        "empty: no CORS headers.")
+
     @field_validator("log_level", "execution_provider", mode="before")
     @classmethod
     def _lower_case(cls, value: object) -> object:
@@ -55,3 +75,7 @@ class Settings(BaseSettings):
     @property
     def resolved_inference_workers(self) -> int:
         return self.inference_workers or max(1, self.cores // self.intra_op_threads)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
