@@ -1,0 +1,70 @@
+"""A bounded soak: thousands of predictions across every model, through both protocols, and the
+server's memory stays flat once it has warmed up."""
+import asyncio
+import base64
+import itertools
+import time
+
+import httpx
+from PIL import Image
+
+from tests.service_fixtures import encode, rss_bytes, running_server
+
+CONCURRENCY = 8
+WARMUP_PER_MODEL = 50
+SOAK_REQUESTS = 2800
+MAX_RSS_GROWTH = 0.10
+
+
+def uploads(photos) -> list[bytes]:
+    """The test photos as sent, plus a PNG and a small JPEG, so decoding varies too."""
+    images = [p.read_bytes() for p in photos.values()]
+    cat = Image.open(photos["chelsea"]).convert("RGB")
+    return images + [encode(cat, "PNG"), encode(cat.resize((120, 80)), "JPEG")]
+
+
+async def run(url: str, jobs: list[tuple[str, bytes, bool]]) -> tuple[dict, float]:
+    """Send every (model, image, through the Open Inference Protocol?) job, CONCURRENCY at a time."""
+    statuses: dict[object, int] = {}
+    queue = iter(jobs)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async def worker() -> None:
+            for model, image, open_inference in queue:
+                if open_inference:
+                    response = await client.post(f"/v2/models/{model}/infer", json={"inputs": [{
+                        "name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(image).decode()]}]})
+                else:
+                    response = await client.put(f"/predict/{model}", content=image)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return statuses, time.perf_counter() - started
+
+
+def test_thousands_of_requests_across_all_models_leave_memory_flat(model_repository, tmp_path, photos):
+    images = uploads(photos)
+    with running_server(model_repository, tmp_path / "service.log") as server:
+        server.wait_ready()
+        models = [m["name"] for m in httpx.get(server.url + "/models").json()["models"]]
+        pid = server.process.pid
+        at_start = rss_bytes(pid)
+        warmup = [(m, i, n % 5 == 0) for n, (m, i) in enumerate(
+            itertools.product(models, images * (WARMUP_PER_MODEL // len(images) + 1)))]
+        warm_statuses, _ = asyncio.run(run(server.url, warmup))
+        warmed = rss_bytes(pid)
+        cycle = itertools.cycle(itertools.product(models, images))
+        soak = [(m, i, n % 5 == 0) for n, (m, i) in zip(range(SOAK_REQUESTS), cycle)]
+        statuses, seconds = asyncio.run(run(server.url, soak))
+        after = rss_bytes(pid)
+        summary = httpx.get(server.url + "/metrics", params={"format": "json"}).json()
+
+    growth = (after - warmed) / warmed
+    print(f"\nRSS at ready {at_start / 2**20:.0f} MiB, after {len(warmup)} warm-up requests "
+          f"{warmed / 2**20:.0f} MiB, after {len(soak)} more {after / 2**20:.0f} MiB "
+          f"({growth:+.1%}); soak {len(soak) / seconds:.0f} requests/s over {len(models)} models, "
+          f"statuses {statuses}")
+    assert warm_statuses == {200: len(warmup)} and statuses == {200: len(soak)}
+    assert sum(s["requests"] for s in summary["models"].values()) == len(warmup) + len(soak)
+    assert growth < MAX_RSS_GROWTH
