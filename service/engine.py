@@ -2,15 +2,20 @@
 
 Knows nothing of HTTP. Inference runs in a bounded thread pool, so however many requests arrive
 at once, at most `inference_workers` sessions run, each with `intra_op_threads` threads, and the
-time a request waits for a free worker is measured apart from the inference itself. A dynamic
-batcher can later sit inside `infer` (collect, run one batch, split) without changing callers.
+time a request waits for a free worker is measured apart from the inference itself.
+
+Dynamic batching: each model has a `Batcher`. A request that finds one of the model's
+`inference_workers` slots free runs at once, alone. Requests that arrive while every slot is busy
+queue; when a slot frees, the queued arrays (of the same shape, up to `max_batch_size` images) run
+as one batch and each caller gets its own rows back. A lone request therefore never waits for a
+batch; `max_queue_delay_ms` only lets already-queued requests wait a little longer for company.
 """
 import asyncio
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -58,6 +63,7 @@ class Engine:
         self.workers = settings.resolved_inference_workers
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._on_batch = on_batch or (lambda model, size: None)
+        self._batchers: dict[str, Batcher] = {}
         self.loading_done = False
         if self.workers * settings.intra_op_threads > settings.cores:
             log.warning("%d inference workers x %d intra-op threads oversubscribe %d cores",
@@ -110,6 +116,10 @@ class Engine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.settings.intra_op_threads
         options.inter_op_num_threads = self.settings.inter_op_threads
+        # Spinning threads burn the core that decodes the next image while they wait for work.
+        spinning = "1" if self.settings.intra_op_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         return options
 
     def _providers(self) -> list[str]:
@@ -152,21 +162,116 @@ class Engine:
     async def infer(self, name: str, batch: np.ndarray) -> Inference:
         """Run a (batch, 3, H, W) array through the named model without blocking the event loop."""
         model = self.model(name)
-        submitted = time.perf_counter()
-
-        def job() -> tuple[float, float, np.ndarray]:
-            started = time.perf_counter()
-            outputs = self.run(model, batch)
-            return started, time.perf_counter(), outputs
-
-        try:
-            started, finished, outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, job)
-        except Exception as exc:  # onnxruntime's errors, e.g. a shape the graph rejects
-            raise InferenceFailed(name, f"{type(exc).__name__}: {exc}") from exc
-        self._on_batch(name, batch.shape[0])
-        return Inference(outputs, (started - submitted) * 1000, (finished - started) * 1000,
-                         batch.shape[0])
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            batcher = self._batchers[name] = Batcher(self, model)
+        return await batcher.submit(batch)
 
     def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Request:
+    batch: np.ndarray
+    answer: asyncio.Future
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """One model's queue: run at once when a slot is free, else batch what queued meanwhile.
+
+    Lives on the event loop, so its state needs no lock; only `session.run` leaves the loop.
+    """
+
+    def __init__(self, engine: Engine, model: LoadedModel) -> None:
+        self.engine, self.model = engine, model
+        self.slots = engine.workers
+        self.max_batch_size = engine.settings.max_batch_size
+        self.max_delay_s = engine.settings.max_queue_delay_ms / 1000
+        self.running = 0
+        self.queue: list[_Request] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def submit(self, batch: np.ndarray) -> Inference:
+        request = _Request(batch, asyncio.get_running_loop().create_future())
+        self.queue.append(request)
+        self._dispatch(idle=self.running < self.slots and len(self.queue) == 1)
+        return await request.answer
+
+    def _dispatch(self, idle: bool = False) -> None:
+        while self.running < self.slots and self.queue:
+            if not idle and not self._worth_running_now():
+                return
+            idle = False
+            self._start(self._take())
+
+    def _worth_running_now(self) -> bool:
+        """A queued batch runs when it is full or its oldest request has waited max_queue_delay."""
+        waited = time.perf_counter() - self.queue[0].submitted
+        if self.max_delay_s <= waited or sum(r.batch.shape[0] for r in self.queue) >= self.max_batch_size:
+            return True
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_delay_s - waited, self._on_timer)
+        return False
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take(self) -> list[_Request]:
+        """The oldest request and the queued ones of its shape that fit beside it."""
+        first = self.queue[0]
+        taken, rows, kept = [first], first.batch.shape[0], []
+        for request in self.queue[1:]:
+            fits = rows + request.batch.shape[0] <= self.max_batch_size
+            if fits and request.batch.shape[1:] == first.batch.shape[1:] \
+                    and request.batch.dtype == first.batch.dtype:
+                taken.append(request)
+                rows += request.batch.shape[0]
+            else:
+                kept.append(request)
+        self.queue = kept
+        return taken
+
+    def _start(self, requests: list[_Request]) -> None:
+        self.running += 1
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self.engine._executor, self._run, requests)
+        running.add_done_callback(lambda done: self._finish(requests, done))
+
+    def _run(self, requests: list[_Request]) -> tuple[float, float, np.ndarray]:
+        started = time.perf_counter()
+        arrays = [r.batch for r in requests]
+        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        outputs = self.engine.run(self.model, batch)
+        return started, time.perf_counter(), outputs
+
+    def _finish(self, requests: list[_Request], done: asyncio.Future) -> None:
+        self.running -= 1
+        try:
+            started, finished, outputs = done.result()
+        except (Exception, asyncio.CancelledError) as exc:  # onnxruntime's errors, or shut down
+            error = InferenceFailed(self.model.name, f"{type(exc).__name__}: {exc}")
+            for request in requests:
+                if not request.answer.done():
+                    request.answer.set_exception(error)
+        else:
+            size = sum(r.batch.shape[0] for r in requests)
+            self.engine._on_batch(self.model.name, size)
+            row = 0
+            for request in requests:
+                rows = request.batch.shape[0]
+                if not request.answer.done():  # the caller may have gone away
+                    request.answer.set_result(Inference(
+                        outputs[row:row + rows], (started - request.submitted) * 1000,
+                        (finished - started) * 1000, size))
+                row += rows
+        self._dispatch()
+
+    def cancel(self) -> None:
+        for request in self.queue:
+            request.answer.cancel()
+        self.queue = []

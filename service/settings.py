@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     inter_op_threads: PositiveInt = Field(1, description="onnxruntime threads across graph branches.")
     inference_workers: PositiveInt | None = Field(
         None, description="Inferences run at once; default cores // INTRA_OP_THREADS (at least 1).")
+    max_batch_size: PositiveInt = Field(
+        4, description="Most images one session.run takes when requests queued for a busy model; "
+                       "1 turns dynamic batching off.")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, description="How long a queued request may wait for others to fill its batch; a "
+                               "request that finds the model idle never waits.")
+    intra_op_spinning: bool = Field(
+        False, description="Let onnxruntime's idle threads spin; they then take CPU from "
+                           "preprocessing under load.")
     preprocess_workers: PositiveInt = Field(default_factory=_cores,
                                             description="Threads decoding and preprocessing images.")
     warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")

@@ -1,0 +1,111 @@
+"""Dynamic batching: requests that queue for a busy model share one session.run, each caller still
+gets exactly its own answer, and a request that finds the model idle never waits for company."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.engine import Engine
+from service.errors import InferenceFailed
+from service.model_repository import discover
+from service.preprocess import Preprocessing, preprocess
+from service.settings import Settings
+
+MODEL = "mobilenetv3_small"
+
+
+def engine_for(model_repository, **settings) -> tuple[Engine, list[int]]:
+    """An engine serving one real model, recording the size of every session.run it makes."""
+    sizes: list[int] = []
+    folders = [f for f in discover(model_repository) if f.name == MODEL]
+    engine = Engine(folders, Settings(model_repository=model_repository, intra_op_threads=1,
+                                      warmup_runs=1, **settings),
+                    on_batch=lambda model, size: sizes.append(size))
+    engine.load_all()
+    sizes.clear()  # warm-up runs are not served requests
+    return engine, sizes
+
+
+@pytest.fixture(scope="module")
+def photo_tensors(model_repository, photos) -> list[np.ndarray]:
+    """One (1, 3, 224, 224) tensor per test photo, all different."""
+    engine, _ = engine_for(model_repository)
+    spec: Preprocessing = engine.models[MODEL].folder.metadata.preprocessing
+    return [preprocess(path.read_bytes(), spec, 10**9) for path in photos.values()]
+
+
+def lone_run(engine: Engine, batch: np.ndarray) -> np.ndarray:
+    return engine.run(engine.models[MODEL], batch)
+
+
+async def infer_all(engine: Engine, batches: list[np.ndarray]) -> list:
+    return await asyncio.gather(*(engine.infer(MODEL, b) for b in batches), return_exceptions=True)
+
+
+def test_concurrent_callers_share_a_batch_and_each_gets_its_own_answer(model_repository,
+                                                                      photo_tensors):
+    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=8)
+    # Five photos one by one, then a two-image request (as the Open Inference Protocol sends).
+    requests = [*photo_tensors, np.concatenate(photo_tensors[:2][::-1])]
+    answers = asyncio.run(infer_all(engine, requests))
+    assert sizes == [1, 6]  # the first found the model idle; the rest queued and ran together
+    for request, answer in zip(requests, answers):
+        assert answer.outputs.shape == (request.shape[0], 1000)
+        np.testing.assert_allclose(answer.outputs, lone_run(engine, request), rtol=1e-5, atol=1e-5)
+    assert [a.batch_size for a in answers] == [1, 6, 6, 6, 6, 6]
+    engine.close()
+
+
+def test_a_request_finding_the_model_idle_does_not_wait_for_the_queue_delay(model_repository,
+                                                                          photo_tensors):
+    delay_ms = 2000.0
+    engine, sizes = engine_for(model_repository, max_queue_delay_ms=delay_ms)
+    for tensor in photo_tensors[:3]:
+        answer = asyncio.run(engine.infer(MODEL, tensor))
+        assert answer.batch_size == 1
+        assert answer.queue_ms < delay_ms / 20  # it ran at once, it did not sit out the delay
+    assert sizes == [1, 1, 1]
+    engine.close()
+
+
+def test_queued_requests_wait_up_to_the_delay_to_fill_a_batch(model_repository, photo_tensors):
+    delay_ms = 300.0
+    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=8,
+                               max_queue_delay_ms=delay_ms)
+
+    async def scenario() -> list:
+        first = asyncio.ensure_future(engine.infer(MODEL, photo_tensors[0]))
+        await asyncio.sleep(0)  # the first starts alone; the next one queues behind it
+        second = asyncio.ensure_future(engine.infer(MODEL, photo_tensors[1]))
+        await asyncio.sleep(delay_ms / 1000 / 3)  # long after the first run ended
+        third = asyncio.ensure_future(engine.infer(MODEL, photo_tensors[2]))
+        return await asyncio.gather(first, second, third)
+
+    answers = asyncio.run(scenario())
+    assert sizes == [1, 2]  # the second waited for the third instead of running alone
+    assert answers[1].queue_ms >= delay_ms * 0.9
+    for tensor, answer in zip(photo_tensors, answers):
+        np.testing.assert_allclose(answer.outputs, lone_run(engine, tensor), rtol=1e-5, atol=1e-5)
+    engine.close()
+
+
+def test_with_batching_off_every_request_runs_alone(model_repository, photo_tensors):
+    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=1)
+    answers = asyncio.run(infer_all(engine, photo_tensors))
+    assert sizes == [1] * len(photo_tensors)
+    for tensor, answer in zip(photo_tensors, answers):
+        np.testing.assert_allclose(answer.outputs, lone_run(engine, tensor), rtol=1e-5, atol=1e-5)
+    engine.close()
+
+
+def test_a_malformed_tensor_queued_beside_good_ones_fails_alone(model_repository, photo_tensors):
+    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=8)
+    wrong = np.zeros((1, 3, 200, 200), np.float32)
+    requests = [photo_tensors[0], photo_tensors[1], wrong, photo_tensors[2]]
+    answers = asyncio.run(infer_all(engine, requests))
+    assert isinstance(answers[2], InferenceFailed)
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(answers[i].outputs, lone_run(engine, requests[i]),
+                                   rtol=1e-5, atol=1e-5)
+    assert sizes == [1, 2]  # the good ones queued together; the wrong shape ran (and failed) alone
+    engine.close()
