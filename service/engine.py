@@ -116,6 +116,7 @@ class Engine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.settings.intra_op_threads
         options.inter_op_num_threads = self.settings.inter_op_threads
+        options.enable_cpu_mem_arena = self.settings.cpu_memory_arena
         # Spinning threads burn the core that decodes the next image while they wait for work.
         spinning = "1" if self.settings.intra_op_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = Field(
         False, description="Let onnxruntime's idle threads spin; they then take CPU from "
                            "preprocessing under load.")
+    cpu_memory_arena: bool = Field(
+        False, description="Give each model onnxruntime's own memory arena; it keeps every model's "
+                           "largest batch allocated, so seven models need about 100 MB more.")
     preprocess_workers: PositiveInt = Field(default_factory=_cores,
                                             description="Threads decoding and preprocessing images.")
     warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")
