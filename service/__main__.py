@@ -17,16 +17,15 @@ from service.settings import Settings
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
         super().__init__(config)
-        self.app = app
+        self.served_app = app
         self.drain_seconds = drain_seconds
         self.close_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.served_app.state.draining = True
         if self.close_at is not None or self.drain_seconds == 0:  # a second signal, or no drain
-            self.app.state.draining = True
             super().handle_exit(sig, frame)
             return
-        self.app.state.draining = True
         self._captured_signals.append(sig)  # uvicorn re-raises them once it has shut down
         self.close_at = time.monotonic() + self.drain_seconds
 
