@@ -14,8 +14,9 @@ from service.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger("service.access")
 # Predictions, counted and timed per model: /predict and the Open Inference Protocol's infer.
+# DOTALL: a decoded path may hold a newline, and must not slip past the API key for it.
 PREDICTION_PATH = re.compile(r"/predict/(?P<model>.+)"
-                             r"|/v2/models/(?P<oip_model>[^/]+)(/versions/[^/]+)?/infer")
+                             r"|/v2/models/(?P<oip_model>[^/]+)(/versions/[^/]+)?/infer", re.DOTALL)
 REQUEST_ID_HEADER = b"x-request-id"
 # A client's id is echoed and logged only if it cannot forge log lines or bloat them.
 SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
