@@ -12,7 +12,7 @@ from tests.service_fixtures import encode, rss_bytes, running_server
 
 CONCURRENCY = 8
 # Warm-up long enough for onnxruntime to have seen the batch sizes concurrent requests make: its
-# memory arena grows once per new input shape, then stays.
+# memory grows once per new input shape (more so with its arena on), then stays.
 WARMUP_PER_MODEL = 100
 SOAK_REQUESTS = 2800
 CHECKPOINTS = 4
