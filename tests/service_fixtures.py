@@ -105,8 +105,10 @@ def running_server(repository: Path, log: Path, **env: str):
         server.stop()
 
 
-def copy_repository(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
+def copy_repository(source: Path, target: Path, *models: str) -> Path:
+    """A copy of the repository at `source`, or of only the named model folders."""
+    for name in models or [p.name for p in source.iterdir()]:
+        shutil.copytree(source / name, target / name)
     return target
 
 

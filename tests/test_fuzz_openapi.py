@@ -1,6 +1,5 @@
 """Property-based fuzzing of the HTTP API from the service's own OpenAPI schema (schemathesis):
 whatever a generated request holds, the answer is never a 5xx and matches the documented schema."""
-import shutil
 import zlib
 
 import httpx
@@ -9,7 +8,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from service.app import create_app
-from tests.service_fixtures import running_server
+from tests.service_fixtures import copy_repository, running_server
 
 MODELS = ("effnet", "mobilenetv3_small")
 EXAMPLES_PER_OPERATION = 100
@@ -24,8 +23,7 @@ schema = schemathesis.openapi.from_dict(OPENAPI)
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
-    for model in MODELS:
-        shutil.copytree(model_repository / model, folder / "repository" / model)
+    copy_repository(model_repository, folder / "repository", *MODELS)
     with running_server(folder / "repository", folder / "service.log") as server:
         server.wait_ready()
         yield server

@@ -3,12 +3,11 @@ header style), health and metrics stay open, and only the allowed origin gets CO
 import base64
 import http.client
 import json
-import shutil
 
 import httpx
 import pytest
 
-from tests.service_fixtures import running_server
+from tests.service_fixtures import copy_repository, running_server
 
 MODEL = "effnet"
 KEY = "correct-horse-battery-staple"
@@ -18,7 +17,7 @@ ORIGIN = "https://dashboard.example.org"
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("access")
-    shutil.copytree(model_repository / MODEL, folder / "repository" / MODEL)
+    copy_repository(model_repository, folder / "repository", MODEL)
     with running_server(folder / "repository", folder / "service.log", API_KEY=KEY,
                         CORS_ORIGINS=f"{ORIGIN}, https://other.example.org") as server:
         server.wait_ready()

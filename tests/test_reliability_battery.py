@@ -6,7 +6,6 @@ import http.client
 import io
 import json
 import re
-import shutil
 import socket
 import struct
 import zlib
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from service.preprocess import Preprocessing, preprocess
-from tests.service_fixtures import encode, rss_bytes, running_server
+from tests.service_fixtures import copy_repository, encode, rss_bytes, running_server
 
 MODEL = "mobilenetv3_small"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # the documented defaults the server runs with here
@@ -32,7 +31,7 @@ ACCEPTED = "multipart/form-data with the image in field 'file'"
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("battery")
-    shutil.copytree(model_repository / MODEL, folder / "repository" / MODEL)
+    copy_repository(model_repository, folder / "repository", MODEL)
     with running_server(folder / "repository", folder / "service.log") as server:
         server.wait_ready()
         yield server

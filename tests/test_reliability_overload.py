@@ -2,7 +2,6 @@
 letting every latency grow, a request past its time limit gets a 504, both are counted in /metrics,
 health and metrics keep answering, and the service recovers the moment the flood stops."""
 import asyncio
-import shutil
 import socket
 import time
 
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service_fixtures import encode, running_server
+from tests.service_fixtures import copy_repository, encode, running_server
 
 FLOODED = "mobilenetv2"
 BYSTANDER = "effnet"
@@ -23,12 +22,6 @@ OVERLOAD = 3  # requests arrive at three times the rate the model can answer the
 # what runs out is the model's own pipeline, not the HTTP layer or the load generator beside it.
 ONE_CORE = {"INTRA_OP_THREADS": "1", "INFERENCE_WORKERS": "1", "PREPROCESS_WORKERS": "1"}
 FLOOD_SECONDS = 5.0
-
-
-def repository_of(model_repository, folder, *models: str):
-    for model in models:
-        shutil.copytree(model_repository / model, folder / "repository" / model)
-    return folder / "repository"
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -46,7 +39,7 @@ def percentile(values: list[float], q: float) -> float:
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("overload")
-    with running_server(repository_of(model_repository, folder, FLOODED, BYSTANDER),
+    with running_server(copy_repository(model_repository, folder / "repository", FLOODED, BYSTANDER),
                         folder / "service.log", MAX_IN_FLIGHT_PER_MODEL=str(MAX_IN_FLIGHT),
                         RETRY_AFTER_SECONDS=str(RETRY_AFTER), **ONE_CORE) as server:
         server.wait_ready()
@@ -163,7 +156,7 @@ TIMEOUT = 0.2
 @pytest.fixture(scope="module")
 def impatient_server(model_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("timeout")
-    with running_server(repository_of(model_repository, folder, FLOODED), folder / "service.log",
+    with running_server(copy_repository(model_repository, folder / "repository", FLOODED), folder / "service.log",
                         REQUEST_TIMEOUT_SECONDS=str(TIMEOUT)) as server:
         server.wait_ready()
         yield server

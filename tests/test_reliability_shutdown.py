@@ -2,7 +2,6 @@
 requests are still served while a load balancer catches up, every accepted request gets its
 answer, and then the process exits within the configured bound."""
 import asyncio
-import shutil
 import signal
 import time
 
@@ -10,7 +9,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.service_fixtures import encode, running_server
+from tests.service_fixtures import copy_repository, encode, running_server
 
 MODEL = "mobilenetv2"
 CLIENTS = 8
@@ -67,7 +66,7 @@ async def load_until_refused(url: str, image: bytes, terminate) -> tuple[list, l
 
 
 def test_sigterm_under_load_loses_no_accepted_request(model_repository, tmp_path):
-    shutil.copytree(model_repository / MODEL, tmp_path / "repository" / MODEL)
+    copy_repository(model_repository, tmp_path / "repository", MODEL)
     image = gradient_png(1500)  # tens of ms to decode: there are always requests in flight
     with running_server(tmp_path / "repository", tmp_path / "service.log",
                         DRAIN_SECONDS=str(DRAIN_SECONDS), PREPROCESS_WORKERS="1",
