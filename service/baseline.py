@@ -12,41 +12,34 @@ It answers `POST /predict/{model}` (form field `file`, query `top_k`) and `GET /
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from pydantic import BaseModel
 
-from service.preprocess import Preprocessing, preprocess
+from service.engine import servable_onnx_file
+from service.model_repository import ModelFolder, read_metadata
+from service.postprocess import top_k as best_classes
+from service.preprocess import preprocess
 from service.settings import Settings
 
 INTRA_OP_THREADS = 1  # with the threadpool running several requests at once, this used the cores best
 
 
-def model_file(model_dir: Path, metadata: dict) -> Path:
-    """The ONNX file metadata.json names: the optimized one only if made by this onnxruntime."""
-    optimized = metadata.get("optimized_model_file")
-    if optimized and metadata.get("export", {}).get("onnxruntime") == ort.__version__:
-        return model_dir / optimized
-    return model_dir / metadata["model_file"]
-
-
 class Model:
     def __init__(self, model_dir: Path) -> None:
-        self.metadata = json.loads((model_dir / "metadata.json").read_text(encoding="utf-8"))
-        self.preprocessing = Preprocessing(**self.metadata["preprocessing"])
+        self.metadata = read_metadata(model_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = INTRA_OP_THREADS
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
-            str(model_file(model_dir, self.metadata)), options, providers=["CPUExecutionProvider"]
+            str(model_dir / servable_onnx_file(ModelFolder(model_dir.name, model_dir, self.metadata))),
+            options, providers=["CPUExecutionProvider"],
         )
-        labels_file = model_dir / self.metadata["labels"]["file"]
+        labels_file = model_dir / self.metadata.labels.file
         self.labels = labels_file.read_text(encoding="utf-8").splitlines()
 
 
@@ -76,15 +69,12 @@ def create_app(repository: Path, names: list[str] | None = None) -> FastAPI:
         if name not in models:
             raise HTTPException(404, f"unknown model {name!r}")
         model = models[name]
-        x = preprocess(file.file.read(), model.preprocessing, max_pixels)
-        logits = model.session.run(None, {model.metadata["input"]["name"]: x})[0][0]
-        probabilities = np.exp(logits - logits.max())
-        probabilities /= probabilities.sum()
-        best = np.argsort(probabilities)[::-1][:top_k]
+        x = preprocess(file.file.read(), model.metadata.preprocessing, max_pixels)
+        logits = model.session.run(None, {model.metadata.input.name: x})[0][0]
         return PredictResponse(
             model=name,
-            predictions=[Prediction(label=model.labels[i], class_id=int(i),
-                                    probability=float(probabilities[i])) for i in best],
+            predictions=[Prediction(label=model.labels[i], class_id=i, probability=p)
+                         for i, p in best_classes(logits, model.metadata.output.kind, top_k)],
         )
 
     return app

@@ -37,9 +37,11 @@ from urllib.parse import urlsplit
 import numpy as np
 import onnxruntime as ort
 
-from service.baseline import INTRA_OP_THREADS as BASELINE_THREADS, model_file
-from service.preprocess import Preprocessing, preprocess
-from service.settings import Settings
+from service.baseline import INTRA_OP_THREADS as BASELINE_THREADS
+from service.engine import servable_onnx_file
+from service.model_repository import ModelFolder, read_metadata
+from service.preprocess import preprocess
+from service.settings import Settings, available_cores
 
 READY_TIMEOUT_S = 120.0
 GRACE_S = 10.0
@@ -219,16 +221,16 @@ def run_cell(server: "Server", model: str, request: bytes, concurrency: int, war
 def bare_session_run(model_dir: Path, image: bytes, threads: int, runs: int,
                      time_limit: float) -> dict:
     """p50 of `session.run` at batch 1 on the photo, with the server's thread settings."""
-    metadata = json.loads((model_dir / "metadata.json").read_text(encoding="utf-8"))
+    metadata = read_metadata(model_dir)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    path = model_file(model_dir, metadata)
+    path = model_dir / servable_onnx_file(ModelFolder(model_dir.name, model_dir, metadata))
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = preprocess(image, Preprocessing(**metadata["preprocessing"]), Settings().max_image_pixels)
-    feed = {metadata["input"]["name"]: x}
+    x = preprocess(image, metadata.preprocessing, Settings().max_image_pixels)
+    feed = {metadata.input.name: x}
     for _ in range(5):
         session.run(None, feed)
     timings, deadline = [], time.perf_counter() + time_limit
@@ -249,14 +251,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def cores() -> int:
-    """The cores this process may use, as the service counts them for its default threads."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def free_port() -> int:
@@ -529,7 +523,7 @@ def run(args: argparse.Namespace) -> dict:
                              str(args.model_repository), "--models", ",".join(models)],
                 {}, args.out / "baseline.log")))
             servers[-1].intra_op_threads = BASELINE_THREADS
-        server.intra_op_threads = args.intra_op_threads or server_threads(server) or cores()
+        server.intra_op_threads = args.intra_op_threads or server_threads(server) or available_cores()
         return measure(args, image, models, servers)
 
 

@@ -31,6 +31,15 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
+def servable_onnx_file(folder: ModelFolder) -> str:
+    """The file to load: the contract allows the pre-optimised one only for the onnxruntime that wrote it."""
+    meta = folder.metadata
+    if meta.optimized_model_file and meta.export.get("onnxruntime") == ort.__version__ \
+            and (folder.path / meta.optimized_model_file).is_file():
+        return meta.optimized_model_file
+    return meta.model_file
+
+
 @dataclass
 class LoadedModel:
     folder: ModelFolder
@@ -90,11 +99,7 @@ class Engine:
         started = time.perf_counter()
         verify(model.folder)
         meta = model.folder.metadata
-        onnx_file = meta.model_file
-        # The contract allows the pre-optimised file only for the onnxruntime that wrote it.
-        if meta.optimized_model_file and meta.export.get("onnxruntime") == ort.__version__ \
-                and (model.folder.path / meta.optimized_model_file).is_file():
-            onnx_file = meta.optimized_model_file
+        onnx_file = servable_onnx_file(model.folder)
         model.session = ort.InferenceSession(str(model.folder.path / onnx_file),
                                              sess_options=self._session_options(),
                                              providers=self._providers())

@@ -8,7 +8,7 @@ from pydantic import (Field, NonNegativeFloat, PositiveFloat, PositiveInt, Secre
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def _cores() -> int:
+def available_cores() -> int:
     # Respect a CPU affinity mask (containers, taskset) rather than the host's core count.
     try:
         return len(os.sched_getaffinity(0))
@@ -28,7 +28,7 @@ class Settings(BaseSettings):
 
     execution_provider: Literal["cpu", "cuda"] = Field(
         "cpu", description="cuda uses CUDAExecutionProvider when onnxruntime has it, else falls back to cpu.")
-    intra_op_threads: PositiveInt = Field(default_factory=_cores,
+    intra_op_threads: PositiveInt = Field(default_factory=available_cores,
                                           description="onnxruntime threads inside one inference.")
     inter_op_threads: PositiveInt = Field(1, description="onnxruntime threads across graph branches.")
     inference_workers: PositiveInt | None = Field(
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     cpu_memory_arena: bool = Field(
         False, description="Give each model onnxruntime's own memory arena; it keeps every model's "
                            "largest batch allocated, so seven models need about 100 MB more.")
-    preprocess_workers: PositiveInt = Field(default_factory=_cores,
+    preprocess_workers: PositiveInt = Field(default_factory=available_cores,
                                             description="Threads decoding and preprocessing images.")
     warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")
     strict_readiness: bool = Field(
@@ -82,7 +82,7 @@ class Settings(BaseSettings):
 
     @property
     def cores(self) -> int:
-        return _cores()
+        return available_cores()
 
     @property
     def resolved_inference_workers(self) -> int:

@@ -10,7 +10,6 @@ import functools
 import http.server
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import EXPORT_COMMAND
+from tests.service_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "cnn-serve:test"
@@ -50,12 +50,6 @@ def compose_command() -> list[str]:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     unavailable("neither `docker compose` nor `docker-compose` is installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def report(request: pytest.FixtureRequest, line: str) -> None:
