@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.baseline import INTRA_OP_THREADS as BASELINE_THREADS
-from service.engine import servable_onnx_file
+from service.engine import servable_onnx_file, session_options
 from service.model_repository import ModelFolder, read_metadata
 from service.preprocess import preprocess
 from service.settings import Settings, available_cores
@@ -220,16 +220,13 @@ def run_cell(server: "Server", model: str, request: bytes, concurrency: int, war
 
 def bare_session_run(model_dir: Path, image: bytes, threads: int, runs: int,
                      time_limit: float) -> dict:
-    """p50 of `session.run` at batch 1 on the photo, with the server's thread settings."""
+    """p50 of `session.run` at batch 1 on the photo, with the service's session options."""
     metadata = read_metadata(model_dir)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    settings = Settings()
     path = model_dir / servable_onnx_file(ModelFolder(model_dir.name, model_dir, metadata))
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = preprocess(image, metadata.preprocessing, Settings().max_image_pixels)
+    session = ort.InferenceSession(str(path), session_options(settings, threads),
+                                   providers=["CPUExecutionProvider"])
+    x = preprocess(image, metadata.preprocessing, settings.max_image_pixels)
     feed = {metadata.input.name: x}
     for _ in range(5):
         session.run(None, feed)

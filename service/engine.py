@@ -1,21 +1,29 @@
 """onnxruntime sessions for every model of the repository, and the one `infer` call that runs them.
 
-Knows nothing of HTTP. Inference runs in a bounded thread pool, so however many requests arrive
-at once, at most `inference_workers` sessions run, each with `intra_op_threads` threads, and the
-time a request waits for a free worker is measured apart from the inference itself.
+Knows nothing of HTTP. Inference runs in a bounded thread pool of `inference_workers` threads, and
+the time a request waits for a free worker is measured apart from the inference itself.
 
-Dynamic batching: each model has a `Batcher`. A request that finds one of the model's
-`inference_workers` slots free runs at once, alone. Requests that arrive while every slot is busy
-queue; when a slot frees, the queued arrays (of the same shape, up to `max_batch_size` images) run
-as one batch and each caller gets its own rows back. A lone request therefore never waits for a
-batch; `max_queue_delay_ms` only lets already-queued requests wait a little longer for company.
+Threads: an inference that starts while no other runs gets the model's main session, with
+`intra_op_threads` threads (all cores by default), so a lone request is as fast as the machine
+allows. An inference that starts beside others gets the model's one-thread session instead: under
+load the workers then use the cores one each, without the cost of splitting every small layer
+across threads (a 2-thread MobileNetV3 inference costs about 1.5x the CPU of a 1-thread one).
+onnxruntime's threads spin for work only while an inference runs (`session.force_spinning_stop`).
+
+Dynamic batching: each model has a `Batcher`. A request that finds one of the model's worker slots
+free runs at once, alone. Requests that arrive while every slot is busy queue; when a slot frees,
+the queued arrays (of the same shape, up to `max_batch_size` images) run as one batch and each
+caller gets its own rows back. A lone request therefore never waits for a batch;
+`max_queue_delay_ms` only lets already-queued requests wait a little longer for company.
 """
 import asyncio
+import ctypes
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -29,6 +37,13 @@ log = logging.getLogger("service.engine")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# After a burst, glibc keeps the freed activations of every inference thread's batches resident
+# (150-250 MB here); once no inference has run for this long, they are handed back to the OS.
+IDLE_TRIM_SECONDS = 1.0
+try:
+    malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    malloc_trim = None
 
 
 def servable_onnx_file(folder: ModelFolder) -> str:
@@ -40,12 +55,32 @@ def servable_onnx_file(folder: ModelFolder) -> str:
     return meta.model_file
 
 
+def session_options(settings: Settings, threads: int) -> ort.SessionOptions:
+    """How the service runs onnxruntime; the bench times bare session.run with the same options."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.enable_cpu_mem_arena = settings.cpu_memory_arena
+    # Threads that sleep between the layers of one inference pay a wake-up per layer; threads that
+    # spin between inferences burn the core that decodes the next image. So: spin while a run is
+    # active, and stop the moment it returns.
+    spinning = "1" if settings.intra_op_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 @dataclass
 class LoadedModel:
     folder: ModelFolder
     status: Literal["loading", "ready", "failed"] = "loading"
     error: str | None = None
-    session: ort.InferenceSession | None = None
+    session: ort.InferenceSession | None = None  # intra_op_threads threads: for a lone inference
+    # One thread, for an inference that starts beside others; None when `session` serves all.
+    one_thread_session: ort.InferenceSession | None = None
     execution_provider: str | None = None
     onnx_file: str | None = None
     load_ms: float | None = None
@@ -62,6 +97,7 @@ class Inference:
     queue_ms: float
     inference_ms: float
     batch_size: int
+    threads: int  # onnxruntime threads the inference ran on
 
 
 class Engine:
@@ -73,10 +109,11 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._on_batch = on_batch or (lambda model, size: None)
         self._batchers: dict[str, Batcher] = {}
+        self.running = 0  # inferences running now, across all models
+        self._trim_timer: asyncio.TimerHandle | None = None
         self.loading_done = False
-        if self.workers * settings.intra_op_threads > settings.cores:
-            log.warning("%d inference workers x %d intra-op threads oversubscribe %d cores",
-                        self.workers, settings.intra_op_threads, settings.cores)
+        if self.workers > settings.cores:
+            log.warning("%d inference workers oversubscribe %d cores", self.workers, settings.cores)
 
     # Start-up -----------------------------------------------------------------------------
     def load_all(self) -> None:
@@ -100,10 +137,11 @@ class Engine:
         verify(model.folder)
         meta = model.folder.metadata
         onnx_file = servable_onnx_file(model.folder)
-        model.session = ort.InferenceSession(str(model.folder.path / onnx_file),
-                                             sess_options=self._session_options(),
-                                             providers=self._providers())
+        threads = self.settings.intra_op_threads
+        model.session = self._session(model.folder.path / onnx_file, threads)
         self._check_signature(model)
+        if threads > 1 and self.workers > 1:  # with one worker every inference runs alone
+            model.one_thread_session = self._session(model.folder.path / onnx_file, 1)
         model.onnx_file = onnx_file
         model.execution_provider = model.session.get_providers()[0]
         model.load_ms = (time.perf_counter() - started) * 1000
@@ -112,21 +150,14 @@ class Engine:
         zeros = np.zeros(shape, dtype=np.float32)
         for _ in range(self.settings.warmup_runs):
             self.run(model, zeros)
+            if model.one_thread_session is not None:
+                self.run(model, zeros, alone=False)
         model.warmup_ms = (time.perf_counter() - started) * 1000
         model.status = "ready"
 
-    def _session_options(self) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = self.settings.intra_op_threads
-        options.inter_op_num_threads = self.settings.inter_op_threads
-        options.enable_cpu_mem_arena = self.settings.cpu_memory_arena
-        # Spinning threads burn the core that decodes the next image while they wait for work.
-        spinning = "1" if self.settings.intra_op_spinning else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-        return options
+    def _session(self, path: Path, threads: int) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), sess_options=session_options(self.settings, threads),
+                                    providers=self._providers())
 
     def _providers(self) -> list[str]:
         if self.settings.execution_provider == "cuda":
@@ -160,10 +191,11 @@ class Engine:
         return self.loading_done and "ready" in statuses and not (strict and "failed" in statuses)
 
     @staticmethod
-    def run(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
-        """One bare session.run, on the caller's thread."""
+    def run(model: LoadedModel, batch: np.ndarray, alone: bool = True) -> np.ndarray:
+        """One bare session.run on the caller's thread, on the one-thread session unless alone."""
         meta = model.folder.metadata
-        return model.session.run([meta.output.name], {meta.input.name: batch})[0]
+        session = model.session if alone else model.one_thread_session
+        return session.run([meta.output.name], {meta.input.name: batch})[0]
 
     async def infer(self, name: str, batch: np.ndarray) -> Inference:
         """Run a (batch, 3, H, W) array through the named model without blocking the event loop."""
@@ -173,7 +205,22 @@ class Engine:
             batcher = self._batchers[name] = Batcher(self, model)
         return await batcher.submit(batch)
 
+    def _inference_started(self) -> None:
+        self.running += 1
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+            self._trim_timer = None
+
+    def _inference_finished(self) -> None:
+        self.running -= 1
+        if self.running == 0 and malloc_trim is not None:
+            loop = asyncio.get_running_loop()
+            self._trim_timer = loop.call_later(
+                IDLE_TRIM_SECONDS, lambda: loop.run_in_executor(self._executor, malloc_trim, 0))
+
     def close(self) -> None:
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         for batcher in self._batchers.values():
             batcher.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -243,20 +290,24 @@ class Batcher:
         return taken
 
     def _start(self, requests: list[_Request]) -> None:
+        alone = self.engine.running == 0 or self.model.one_thread_session is None
+        threads = self.engine.settings.intra_op_threads if alone else 1
         self.running += 1
+        self.engine._inference_started()
         loop = asyncio.get_running_loop()
-        running = loop.run_in_executor(self.engine._executor, self._run, requests)
-        running.add_done_callback(lambda done: self._finish(requests, done))
+        running = loop.run_in_executor(self.engine._executor, self._run, requests, alone)
+        running.add_done_callback(lambda done: self._finish(requests, done, threads))
 
-    def _run(self, requests: list[_Request]) -> tuple[float, float, np.ndarray]:
+    def _run(self, requests: list[_Request], alone: bool) -> tuple[float, float, np.ndarray]:
         started = time.perf_counter()
         arrays = [r.batch for r in requests]
         batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        outputs = self.engine.run(self.model, batch)
+        outputs = self.engine.run(self.model, batch, alone)
         return started, time.perf_counter(), outputs
 
-    def _finish(self, requests: list[_Request], done: asyncio.Future) -> None:
+    def _finish(self, requests: list[_Request], done: asyncio.Future, threads: int) -> None:
         self.running -= 1
+        self.engine._inference_finished()
         try:
             started, finished, outputs = done.result()
         except (Exception, asyncio.CancelledError) as exc:  # onnxruntime's errors, or shut down
@@ -273,7 +324,7 @@ class Batcher:
                 if not request.answer.done():  # the caller may have gone away
                     request.answer.set_result(Inference(
                         outputs[row:row + rows], (started - request.submitted) * 1000,
-                        (finished - started) * 1000, size))
+                        (finished - started) * 1000, size, threads))
                 row += rows
         self._dispatch()
 

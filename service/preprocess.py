@@ -13,6 +13,7 @@ Choices a caller should know:
 - Only the first frame of an animated image (GIF, WebP, APNG) is used.
 """
 import io
+import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,14 +27,12 @@ from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
 
 INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                  "bicubic": Image.Resampling.BICUBIC}
+FILTER_SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0}  # Pillow's, in source pixels at scale 1
 # EXIF orientation tag value -> the transposition that turns the stored pixels upright.
 UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # these swap width and height
-# Resize the whole image (exactly as torchvision) while the result is at most this many crops big;
-# only extreme aspect ratios (about 1:12 and beyond for 256 -> 224) take the windowed path.
-FULL_RESIZE_LIMIT = 16
 
 
 class Preprocessing(BaseModel):
@@ -123,18 +122,19 @@ def to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     width, height = resized_size(*image.size, p.resize)
     top = int(round((height - p.crop) / 2.0))
     left = int(round((width - p.crop) / 2.0))
-    if width * height <= FULL_RESIZE_LIMIT * p.crop * p.crop:
-        if (width, height) != image.size:
-            image = image.resize((width, height), INTERPOLATION[p.interpolation])
-        image = image.crop((left, top, left + p.crop, top + p.crop))
-    else:
-        # A long strip (say 1 x 100000) would need gigabytes resized whole. Resample only the crop
-        # window: Pillow's `box` keeps the full resize's scale and filter support, so the result
-        # differs from resize-then-crop only by rare one-level rounding (about 0.01 % of values,
-        # which is also why ordinary photos keep the exact, twice as slow, resize-then-crop).
-        sx, sy = image.width / width, image.height / height
-        box = (left * sx, top * sy, (left + p.crop) * sx, (top + p.crop) * sy)
-        image = image.resize((p.crop, p.crop), INTERPOLATION[p.interpolation], box=box)
+    # Resample only what the centre crop keeps, in Pillow's own order (horizontal pass, then
+    # vertical) and with `box`, which keeps the full resize's scale and filter support: the result
+    # is resize-then-crop's but for float rounding (one level on under 0.05 % of values), at about
+    # half the cost for a photo, and a 1 x 100000 strip never becomes a gigabyte image.
+    sx, sy = image.width / width, image.height / height
+    reach = math.ceil(FILTER_SUPPORT[p.interpolation] * max(sy, 1.0)) + 1  # source rows per output row
+    first = max(0, int(top * sy) - reach)
+    last = min(image.height, math.ceil((top + p.crop) * sy) + reach)
+    rows = image.crop((0, first, image.width, last))
+    resample = INTERPOLATION[p.interpolation]
+    rows = rows.resize((p.crop, rows.height), resample, box=(left * sx, 0, (left + p.crop) * sx, rows.height))
+    image = rows.resize((p.crop, p.crop), resample,
+                        box=(0, top * sy - first, p.crop, (top + p.crop) * sy - first))
     pixels = np.asarray(image)
     table = _normalisation_table(p.scale, p.mean, p.std)
     x = np.empty((1, 3, p.crop, p.crop), dtype=np.float32)

@@ -5,6 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from service import engine as engine_module
 from service.engine import Engine
 from service.errors import InferenceFailed
 from service.model_repository import discover
@@ -18,8 +19,8 @@ def engine_for(model_repository, **settings) -> tuple[Engine, list[int]]:
     """An engine serving one real model, recording the size of every session.run it makes."""
     sizes: list[int] = []
     folders = [f for f in discover(model_repository) if f.name == MODEL]
-    engine = Engine(folders, Settings(model_repository=model_repository, intra_op_threads=1,
-                                      warmup_runs=1, **settings),
+    engine = Engine(folders, Settings(model_repository=model_repository,
+                                      **{"intra_op_threads": 1, "warmup_runs": 1, **settings}),
                     on_batch=lambda model, size: sizes.append(size))
     engine.load_all()
     sizes.clear()  # warm-up runs are not served requests
@@ -108,4 +109,46 @@ def test_a_malformed_tensor_queued_beside_good_ones_fails_alone(model_repository
         np.testing.assert_allclose(answers[i].outputs, lone_run(engine, requests[i]),
                                    rtol=1e-5, atol=1e-5)
     assert sizes == [1, 2]  # the good ones queued together; the wrong shape ran (and failed) alone
+    engine.close()
+
+
+def test_a_lone_inference_gets_every_thread_and_one_started_beside_it_gets_one(model_repository,
+                                                                               photo_tensors):
+    engine, sizes = engine_for(model_repository, intra_op_threads=2, inference_workers=2,
+                               max_batch_size=1)
+    assert engine.models[MODEL].one_thread_session is not None
+    lone = asyncio.run(engine.infer(MODEL, photo_tensors[0]))
+    assert lone.threads == 2
+    answers = asyncio.run(infer_all(engine, photo_tensors[:2]))
+    assert [a.threads for a in answers] == [2, 1]  # the second started while the first ran
+    for tensor, answer in zip(photo_tensors, answers):
+        np.testing.assert_allclose(answer.outputs, lone_run(engine, tensor), rtol=1e-5, atol=1e-5)
+    engine.close()
+
+
+def test_with_one_thread_or_one_worker_a_model_has_one_session(model_repository):
+    for settings in ({"intra_op_threads": 1, "inference_workers": 2},
+                     {"intra_op_threads": 2, "inference_workers": 1}):
+        engine, _ = engine_for(model_repository, **settings)
+        assert engine.models[MODEL].one_thread_session is None
+        engine.close()
+
+
+def test_the_heap_is_trimmed_once_no_inference_has_run_for_a_while(model_repository, photo_tensors,
+                                                                   monkeypatch):
+    trims = []
+    monkeypatch.setattr(engine_module, "malloc_trim", lambda pad: trims.append(pad))
+    monkeypatch.setattr(engine_module, "IDLE_TRIM_SECONDS", 0.6)
+    engine, _ = engine_for(model_repository)
+
+    async def scenario() -> None:
+        await engine.infer(MODEL, photo_tensors[0])
+        await asyncio.sleep(0.1)
+        await engine.infer(MODEL, photo_tensors[1])  # busy again before the timer: no trim yet
+        await asyncio.sleep(0.1)
+        assert trims == []
+        await asyncio.sleep(1.0)
+
+    asyncio.run(scenario())
+    assert trims == [0]
     engine.close()
