@@ -31,7 +31,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -168,6 +168,7 @@ class Cell:
     server_cpu_ms_per_request: float | None
     intra_op_threads: int | None = None  # the server's, and so the bare run's beside it
     bare_p50_ms: float | None = None
+    preprocess_p50_ms: float | None = None  # decode + preprocess of the photo, in the bench process
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -220,23 +221,32 @@ def run_cell(server: "Server", model: str, request: bytes, concurrency: int, war
 
 def bare_session_run(model_dir: Path, image: bytes, threads: int, runs: int,
                      time_limit: float) -> dict:
-    """p50 of `session.run` at batch 1 on the photo, with the service's session options."""
+    """p50 of `session.run` at batch 1 on the photo, with the service's session options, and of
+    the photo's decode + preprocess, both on this process's one thread."""
     metadata = read_metadata(model_dir)
     settings = Settings()
     path = model_dir / servable_onnx_file(ModelFolder(model_dir.name, model_dir, metadata))
     session = ort.InferenceSession(str(path), session_options(settings, threads),
                                    providers=["CPUExecutionProvider"])
-    x = preprocess(image, metadata.preprocessing, settings.max_image_pixels)
-    feed = {metadata.input.name: x}
+    prepare = lambda: preprocess(image, metadata.preprocessing, settings.max_image_pixels)
+    feed = {metadata.input.name: prepare()}
+    inference = _timed(lambda: session.run(None, feed), runs, time_limit / 2)
+    preprocessing = _timed(prepare, runs, time_limit / 2)
+    return {"model_file": path.name, "intra_op_threads": threads, "runs": len(inference),
+            "p50_ms": _percentile(inference, 50), "p90_ms": _percentile(inference, 90),
+            "preprocess_p50_ms": _percentile(preprocessing, 50)}
+
+
+def _timed(call: Callable[[], object], runs: int, time_limit: float) -> list[float]:
+    """Milliseconds of up to `runs` calls after 5 unmeasured ones, within `time_limit` seconds."""
     for _ in range(5):
-        session.run(None, feed)
+        call()
     timings, deadline = [], time.perf_counter() + time_limit
     while len(timings) < runs and time.perf_counter() < deadline:
         start = time.perf_counter()
-        session.run(None, feed)
+        call()
         timings.append((time.perf_counter() - start) * 1000.0)
-    return {"model_file": path.name, "intra_op_threads": threads, "runs": len(timings),
-            "p50_ms": _percentile(timings, 50), "p90_ms": _percentile(timings, 90)}
+    return timings
 
 
 # --- the servers under test ------------------------------------------------------------------
@@ -364,7 +374,7 @@ def _find_key(document: object, key: str) -> object:
 # --- reporting -------------------------------------------------------------------------------
 
 COLUMNS = ("server", "model", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-           "threads", "bare p50 ms", "p50/bare", "server CPU ms/req")
+           "threads", "bare p50 ms", "p50/bare", "prep p50 ms", "server CPU ms/req")
 
 
 def table_rows(cells: list[Cell]) -> list[tuple[str, ...]]:
@@ -376,7 +386,8 @@ def table_rows(cells: list[Cell]) -> list[tuple[str, ...]]:
                      _ms(cell.p50_ms), _ms(cell.p90_ms), _ms(cell.p99_ms),
                      f"{cell.errors}/{cell.sent}" + ("*" if cell.time_limited else ""),
                      str(cell.intra_op_threads or "-"), _ms(bare_p50),
-                     f"{ratio:.2f}" if ratio else "-", _ms(cell.server_cpu_ms_per_request)))
+                     f"{ratio:.2f}" if ratio else "-", _ms(cell.preprocess_p50_ms),
+                     _ms(cell.server_cpu_ms_per_request)))
     return rows
 
 
@@ -527,13 +538,13 @@ def run(args: argparse.Namespace) -> dict:
 def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: list[Server]) -> dict:
     cells, bare = [], []
     for model in models:
-        bare_p50 = {}
+        bare_by_threads = {}
         # A name the repository lacks is still sent: the server's answers show as errors.
         if args.model_repository is not None and (args.model_repository / model / "metadata.json").exists():
             for threads in dict.fromkeys(server.intra_op_threads for server in servers):
                 bare.append({"model": model, **bare_session_run(
                     args.model_repository / model, image, threads, args.bare_runs, args.time_limit)})
-                bare_p50[threads] = bare[-1]["p50_ms"]
+                bare_by_threads[threads] = bare[-1]
         for concurrency in args.concurrency:
             for server in servers:
                 request = multipart_request(server.host, server.port, f"/predict/{model}?top_k=5",
@@ -541,7 +552,8 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
                 warmup = args.warmup if args.warmup is not None else max(10, 2 * concurrency)
                 cell = run_cell(server, model, request, concurrency, warmup, args.requests, args.time_limit)
                 cell.intra_op_threads = server.intra_op_threads
-                cell.bare_p50_ms = bare_p50.get(server.intra_op_threads)
+                same = bare_by_threads.get(server.intra_op_threads, {})
+                cell.bare_p50_ms, cell.preprocess_p50_ms = same.get("p50_ms"), same.get("preprocess_p50_ms")
                 cells.append(cell)
                 print(f"{server.name} {model} x{concurrency}: {cell.requests_per_s:.1f} req/s, "
                       f"p50 {_ms(cell.p50_ms)} ms, {cell.errors} errors", file=sys.stderr, flush=True)

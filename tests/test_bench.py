@@ -38,10 +38,12 @@ def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository,
     threads = {s["name"]: s["intra_op_threads"] for s in results["servers"]}
     assert threads["baseline"] == 1 and threads["service"] >= 1
     assert set(bare) == {("mobilenetv3_small", t) for t in threads.values()}
-    assert all(b["runs"] == 20 and b["p50_ms"] > 0 for b in bare.values())
+    assert all(b["runs"] == 20 and b["p50_ms"] > 0 and b["preprocess_p50_ms"] > 0
+               for b in bare.values())
     for (server, model, clients), cell in cells.items():
-        expected = bare[(model, threads[server])]["p50_ms"] if model == "mobilenetv3_small" else None
-        assert cell["bare_p50_ms"] == expected
+        same = bare[(model, threads[server])] if model == "mobilenetv3_small" else {}
+        assert cell["bare_p50_ms"] == same.get("p50_ms")
+        assert cell["preprocess_p50_ms"] == same.get("preprocess_p50_ms")
     assert {(v["model"], v["concurrency"]) for v in results["service_vs_baseline"]} == {
         ("mobilenetv3_small", 1), ("mobilenetv3_small", 4)}
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
