@@ -44,6 +44,7 @@ from service.preprocess import preprocess
 from service.settings import Settings, available_cores
 
 READY_TIMEOUT_S = 120.0
+SETTLE_S = 2.0
 GRACE_S = 10.0
 
 
@@ -285,6 +286,7 @@ class Server:
     port: int
     process: subprocess.Popen | None = None
     ready_s: float | None = None  # from process start to /health/ready answering 200
+    rss_ready_mb: float | None = None  # every model loaded, before any request
     intra_op_threads: int | None = None
 
     def cpu_seconds(self) -> float | None:
@@ -302,9 +304,11 @@ class Server:
                 return round(int(line.split()[1]) / 1024, 1)
         return None
 
-    def describe(self) -> dict:
+    def describe(self, rss_mb: float | None, rss_settled_mb: float | None) -> dict:
         return {"name": self.name, "url": f"http://{self.host}:{self.port}", "started_here": bool(self.process),
-                "intra_op_threads": self.intra_op_threads, "ready_s": self.ready_s, "rss_mb": self.rss_mb()}
+                "intra_op_threads": self.intra_op_threads, "ready_s": self.ready_s,
+                "rss_ready_mb": self.rss_ready_mb, "rss_mb": rss_mb,
+                "rss_settled_mb": rss_settled_mb}
 
     def _proc(self, name: str) -> str | None:
         if self.process is None:
@@ -339,6 +343,7 @@ def started(name: str, command: list[str], env: dict[str, str], log: Path) -> It
         try:
             wait_ready(server, READY_TIMEOUT_S)
             server.ready_s = round(time.perf_counter() - start, 2)
+            server.rss_ready_mb = server.rss_mb()
             yield server
         finally:
             process.terminate()
@@ -535,6 +540,15 @@ def run(args: argparse.Namespace) -> dict:
         return measure(args, image, models, servers)
 
 
+def described(servers: list[Server]) -> list[dict]:
+    """Each server, with its RSS right after the last cell and again once it has been idle a while
+    (the service hands freed inference memory back to the OS after a second without inference)."""
+    after = [server.rss_mb() for server in servers]
+    if any(server.process for server in servers):
+        time.sleep(SETTLE_S)
+    return [server.describe(rss, server.rss_mb()) for server, rss in zip(servers, after)]
+
+
 def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: list[Server]) -> dict:
     cells, bare = [], []
     for model in models:
@@ -565,7 +579,7 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
         "settings": {"concurrency": args.concurrency, "requests": args.requests,
                      "warmup": args.warmup, "time_limit_s": args.time_limit, "url": args.url},
         "bare_session_run": bare,
-        "servers": [server.describe() for server in servers],  # RSS read after the last cell
+        "servers": described(servers),
         "cells": [asdict(c) for c in cells],
         "service_vs_baseline": comparisons(cells),
     }
@@ -585,8 +599,9 @@ def report(results: dict) -> str:
     lines.append("")
     for server in results["servers"]:
         if server["started_here"]:
-            lines.append(f"{server['name']}: ready {_ms(server['ready_s'])} s after start, "
-                         f"RSS {_ms(server['rss_mb'])} MB after the run")
+            lines.append(f"{server['name']}: ready {_ms(server['ready_s'])} s after start; RSS "
+                         f"{_ms(server['rss_ready_mb'])} MB when ready, {_ms(server['rss_mb'])} MB "
+                         f"after the run, {_ms(server['rss_settled_mb'])} MB {SETTLE_S:.0f} s later")
     client_cpu = [c.client_cpu_ms_per_request for c in cells]
     lines += [f"load generator CPU: {np.median(client_cpu):.3f} ms per request "
                   f"(median over cells, max {max(client_cpu):.3f})"]
