@@ -200,7 +200,7 @@ def _model_info(model: LoadedModel, engine: Engine) -> ModelInfo:
     meta = model.folder.metadata
     return ModelInfo(name=model.name, status=model.status, error=model.error,
                      execution_provider=model.execution_provider, onnx_file=model.onnx_file,
-                     intra_op_threads=engine.settings.intra_op_threads,
+                     intra_op_threads=model.threads or engine.settings.intra_op_threads,
                      inference_workers=engine.workers, load_ms=model.load_ms,
                      warmup_ms=model.warmup_ms,
                      weights_note=_weights(model).note if meta else None, metadata=meta)

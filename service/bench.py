@@ -286,8 +286,12 @@ class Server:
     port: int
     process: subprocess.Popen | None = None
     ready_s: float | None = None  # from process start to /health/ready answering 200
+    model_threads: dict[str, int] = field(default_factory=dict)  # where it differs by model
     rss_ready_mb: float | None = None  # every model loaded, before any request
     intra_op_threads: int | None = None
+
+    def threads(self, model: str) -> int | None:
+        return self.model_threads.get(model, self.intra_op_threads)
 
     def cpu_seconds(self) -> float | None:
         """User+system CPU of a server we started (its main process), from /proc where there is one."""
@@ -306,7 +310,8 @@ class Server:
 
     def describe(self, rss_mb: float | None, rss_settled_mb: float | None) -> dict:
         return {"name": self.name, "url": f"http://{self.host}:{self.port}", "started_here": bool(self.process),
-                "intra_op_threads": self.intra_op_threads, "ready_s": self.ready_s,
+                "intra_op_threads": self.intra_op_threads, "model_threads": self.model_threads,
+                "ready_s": self.ready_s,
                 "rss_ready_mb": self.rss_ready_mb, "rss_mb": rss_mb,
                 "rss_settled_mb": rss_settled_mb}
 
@@ -354,26 +359,13 @@ def started(name: str, command: list[str], env: dict[str, str], log: Path) -> It
                 process.wait()
 
 
-def server_threads(server: Server) -> int | None:
-    """The intra-op threads the server says it uses, if its /models tells."""
-    with contextlib.suppress(OSError, ValueError):
+def model_threads(server: Server) -> dict[str, int]:
+    """The threads of a lone inference, per model, as the server's /models reports them."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         status, body = http_get(server.host, server.port, "/models")
         if status == 200:
-            found = _find_key(json.loads(body), "intra_op_threads")
-            return int(found) if found is not None else None
-    return None
-
-
-def _find_key(document: object, key: str) -> object:
-    if isinstance(document, dict):
-        if key in document and isinstance(document[key], int):
-            return document[key]
-        document = list(document.values())
-    if isinstance(document, list):
-        for item in document:
-            if (found := _find_key(item, key)) is not None:
-                return found
-    return None
+            return {m["name"]: int(m["intra_op_threads"]) for m in json.loads(body)["models"]}
+    return {}
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -536,7 +528,8 @@ def run(args: argparse.Namespace) -> dict:
                              str(args.model_repository), "--models", ",".join(models)],
                 {}, args.out / "baseline.log")))
             servers[-1].intra_op_threads = BASELINE_THREADS
-        server.intra_op_threads = args.intra_op_threads or server_threads(server) or available_cores()
+        server.intra_op_threads = args.intra_op_threads or available_cores()
+        server.model_threads = model_threads(server)
         return measure(args, image, models, servers)
 
 
@@ -555,7 +548,7 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
         bare_by_threads = {}
         # A name the repository lacks is still sent: the server's answers show as errors.
         if args.model_repository is not None and (args.model_repository / model / "metadata.json").exists():
-            for threads in dict.fromkeys(server.intra_op_threads for server in servers):
+            for threads in dict.fromkeys(server.threads(model) for server in servers):
                 bare.append({"model": model, **bare_session_run(
                     args.model_repository / model, image, threads, args.bare_runs, args.time_limit)})
                 bare_by_threads[threads] = bare[-1]
@@ -565,8 +558,8 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
                                             image, args.image.name)
                 warmup = args.warmup if args.warmup is not None else max(10, 2 * concurrency)
                 cell = run_cell(server, model, request, concurrency, warmup, args.requests, args.time_limit)
-                cell.intra_op_threads = server.intra_op_threads
-                same = bare_by_threads.get(server.intra_op_threads, {})
+                cell.intra_op_threads = server.threads(model)
+                same = bare_by_threads.get(cell.intra_op_threads, {})
                 cell.bare_p50_ms, cell.preprocess_p50_ms = same.get("p50_ms"), same.get("preprocess_p50_ms")
                 cells.append(cell)
                 print(f"{server.name} {model} x{concurrency}: {cell.requests_per_s:.1f} req/s, "

@@ -8,7 +8,9 @@ Threads: an inference that starts while no other runs gets the model's main sess
 allows. An inference that starts beside others gets the model's one-thread session instead: under
 load the workers then use the cores one each, without the cost of splitting every small layer
 across threads (a 2-thread MobileNetV3 inference costs about 1.5x the CPU of a 1-thread one).
-onnxruntime's threads spin for work only while an inference runs (`session.force_spinning_stop`).
+At load both sessions are timed, and a model that more threads do not make at least 10 % faster
+(EffNet) keeps only the one-thread session. onnxruntime's threads spin for work only while an
+inference runs (`session.force_spinning_stop`).
 
 Dynamic batching: each model has a `Batcher`. A request that finds one of the model's worker slots
 free runs at once, alone. Requests that arrive while every slot is busy queue; when a slot frees,
@@ -40,6 +42,7 @@ CUDA = "CUDAExecutionProvider"
 # After a burst, glibc keeps the freed activations of every inference thread's batches resident
 # (150-250 MB here); once no inference has run for this long, they are handed back to the OS.
 IDLE_TRIM_SECONDS = 1.0
+THREAD_CHOICE_RUNS = 7  # timed runs per session when a model's lone-request threads are chosen
 try:
     malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
 except (OSError, AttributeError):  # not glibc
@@ -78,9 +81,10 @@ class LoadedModel:
     folder: ModelFolder
     status: Literal["loading", "ready", "failed"] = "loading"
     error: str | None = None
-    session: ort.InferenceSession | None = None  # intra_op_threads threads: for a lone inference
+    session: ort.InferenceSession | None = None  # `threads` threads: for a lone inference
     # One thread, for an inference that starts beside others; None when `session` serves all.
     one_thread_session: ort.InferenceSession | None = None
+    threads: int | None = None  # of `session`
     execution_provider: str | None = None
     onnx_file: str | None = None
     load_ms: float | None = None
@@ -152,8 +156,25 @@ class Engine:
             self.run(model, zeros)
             if model.one_thread_session is not None:
                 self.run(model, zeros, alone=False)
+        model.threads = threads
+        if model.one_thread_session is not None and not self._more_threads_win(model, zeros):
+            model.session, model.one_thread_session, model.threads = model.one_thread_session, None, 1
         model.warmup_ms = (time.perf_counter() - started) * 1000
         model.status = "ready"
+
+    def _more_threads_win(self, model: LoadedModel, x: np.ndarray) -> bool:
+        """Whether all threads run this model at least 10 % faster than one; for a model as small
+        as EffNet they are slower, and then a lone request runs on one thread too."""
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(THREAD_CHOICE_RUNS):
+            for alone in times:
+                started = time.perf_counter()
+                self.run(model, x, alone)
+                times[alone].append(time.perf_counter() - started)
+        wide, narrow = (float(np.median(times[alone])) * 1000 for alone in (True, False))
+        log.info("model %s: %.2f ms on %d threads, %.2f ms on 1 at batch 1; a lone request uses %s",
+                 model.name, wide, model.threads, narrow, "all" if wide < 0.9 * narrow else "1")
+        return wide < 0.9 * narrow
 
     def _session(self, path: Path, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), sess_options=session_options(self.settings, threads),
@@ -291,7 +312,7 @@ class Batcher:
 
     def _start(self, requests: list[_Request]) -> None:
         alone = self.engine.running == 0 or self.model.one_thread_session is None
-        threads = self.engine.settings.intra_op_threads if alone else 1
+        threads = self.model.threads if alone else 1
         self.running += 1
         self.engine._inference_started()
         loop = asyncio.get_running_loop()

@@ -34,14 +34,17 @@ def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository,
             assert cell["statuses"] == {"404": 24} and cell["p50_ms"] is None
 
     # Bare session.run of the model file, once with each server's threads (the baseline's is 1).
+    # The service reports per model how many threads a lone inference gets; the bare run matches it.
     bare = {(b["model"], b["intra_op_threads"]): b for b in results["bare_session_run"]}
-    threads = {s["name"]: s["intra_op_threads"] for s in results["servers"]}
+    threads = {s["name"]: s["model_threads"].get("mobilenetv3_small", s["intra_op_threads"])
+               for s in results["servers"]}
     assert threads["baseline"] == 1 and threads["service"] >= 1
     assert set(bare) == {("mobilenetv3_small", t) for t in threads.values()}
     assert all(b["runs"] == 20 and b["p50_ms"] > 0 and b["preprocess_p50_ms"] > 0
                for b in bare.values())
     for (server, model, clients), cell in cells.items():
         same = bare[(model, threads[server])] if model == "mobilenetv3_small" else {}
+        assert cell["intra_op_threads"] == threads[server]
         assert cell["bare_p50_ms"] == same.get("p50_ms")
         assert cell["preprocess_p50_ms"] == same.get("preprocess_p50_ms")
     assert {(v["model"], v["concurrency"]) for v in results["service_vs_baseline"]} == {
