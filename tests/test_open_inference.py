@@ -18,6 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from service.preprocess import Preprocessing, preprocess
 from tests.service_fixtures import copy_repository, reference_tensor, running_server
 
 IMAGENET_MODEL = "mobilenetv2"
@@ -229,7 +230,9 @@ def test_several_images_in_one_request_each_get_their_own_answer(client, http, p
 def test_jpeg_bytes_get_the_same_logits_as_the_preprocessed_tensor(client, model_repository, photos):
     files = [photos[p].read_bytes() for p in UNREDUCED]
     by_image = client.infer(IMAGENET_MODEL, [image_input(*files)]).as_numpy("logits")
-    batch = photo_batch(model_repository, IMAGENET_MODEL, photos, UNREDUCED)
+    # The service's own preprocessing, whose fidelity test_preprocess_images checks.
+    spec = Preprocessing(**metadata(model_repository, IMAGENET_MODEL)["preprocessing"])
+    batch = np.concatenate([preprocess(f, spec, 10**9) for f in files])
     np.testing.assert_allclose(by_image, onnxruntime_logits(model_repository, IMAGENET_MODEL, batch),
                                rtol=1e-4, atol=1e-4)
     # OpenVINO Model Server clients send the images under the tensor input's own name.
