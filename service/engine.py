@@ -236,8 +236,9 @@ class Engine:
         self.running -= 1
         if self.running == 0 and malloc_trim is not None:
             loop = asyncio.get_running_loop()
+            # On the loop's default pool, so that no inference waits behind the trim.
             self._trim_timer = loop.call_later(
-                IDLE_TRIM_SECONDS, lambda: loop.run_in_executor(self._executor, malloc_trim, 0))
+                IDLE_TRIM_SECONDS, lambda: loop.run_in_executor(None, malloc_trim, 0))
 
     def close(self) -> None:
         if self._trim_timer is not None:
