@@ -144,10 +144,11 @@ class Engine:
         threads = self.settings.intra_op_threads
         model.session = self._session(model.folder.path / onnx_file, threads)
         self._check_signature(model)
-        if threads > 1 and self.workers > 1:  # with one worker every inference runs alone
-            model.one_thread_session = self._session(model.folder.path / onnx_file, 1)
         model.onnx_file = onnx_file
         model.execution_provider = model.session.get_providers()[0]
+        # With one worker every inference runs alone; on a GPU the CPU threads hardly matter.
+        if threads > 1 and self.workers > 1 and model.execution_provider == CPU:
+            model.one_thread_session = self._session(model.folder.path / onnx_file, 1)
         model.load_ms = (time.perf_counter() - started) * 1000
         started = time.perf_counter()
         shape = [1 if d is None else d for d in meta.input.shape]
