@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = Field(
         True, description="Let onnxruntime's threads spin for work while an inference runs (they "
                           "stop when it returns); off, they sleep between layers and a 2-thread "
-                          "inference took about 40 % longer.")
+                          "inference took 25-40 % longer.")
     cpu_memory_arena: bool = Field(
         False, description="Give each model onnxruntime's own memory arena; it keeps every model's "
                            "largest batch allocated, so seven models need about 100 MB more.")
