@@ -114,6 +114,15 @@ def running_server(repository: Path, log: Path, **env: str):
         server.stop()
 
 
+@contextmanager
+def ready_server(source: Path, folder: Path, *models: str, **env: str):
+    """A ready server on a copy of the named models of `source`, logging to folder/service.log."""
+    repository = copy_repository(source, folder / "repository", *models)
+    with running_server(repository, folder / "service.log", **env) as server:
+        server.wait_ready()
+        yield server
+
+
 def copy_repository(source: Path, target: Path, *models: str) -> Path:
     """A copy of the repository at `source`, or of only the named model folders."""
     for name in models or [p.name for p in source.iterdir()]:

@@ -8,7 +8,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from service.app import create_app
-from tests.service_fixtures import copy_repository, running_server
+from tests.service_fixtures import ready_server
 
 MODELS = ("effnet", "mobilenetv3_small")
 EXAMPLES_PER_OPERATION = 100
@@ -22,10 +22,7 @@ schema = schemathesis.openapi.from_dict(OPENAPI)
 
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fuzz")
-    copy_repository(model_repository, folder / "repository", *MODELS)
-    with running_server(folder / "repository", folder / "service.log") as server:
-        server.wait_ready()
+    with ready_server(model_repository, tmp_path_factory.mktemp("fuzz"), *MODELS) as server:
         yield server
         assert "Traceback" not in server.log.read_text()
 

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.service_fixtures import copy_repository, running_server
+from tests.service_fixtures import ready_server
 
 MODEL = "effnet"
 KEY = "correct-horse-battery-staple"
@@ -16,11 +16,8 @@ ORIGIN = "https://dashboard.example.org"
 
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("access")
-    copy_repository(model_repository, folder / "repository", MODEL)
-    with running_server(folder / "repository", folder / "service.log", API_KEY=KEY,
-                        CORS_ORIGINS=f"{ORIGIN}, https://other.example.org") as server:
-        server.wait_ready()
+    with ready_server(model_repository, tmp_path_factory.mktemp("access"), MODEL, API_KEY=KEY,
+                      CORS_ORIGINS=f"{ORIGIN}, https://other.example.org") as server:
         yield server
 
 

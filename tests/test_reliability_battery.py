@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from service.preprocess import Preprocessing, preprocess
-from tests.service_fixtures import copy_repository, encode, rss_bytes, running_server
+from tests.service_fixtures import encode, rss_bytes, ready_server
 
 MODEL = "mobilenetv3_small"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # the documented defaults the server runs with here
@@ -30,10 +30,7 @@ ACCEPTED = "multipart/form-data with the image in field 'file'"
 
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("battery")
-    copy_repository(model_repository, folder / "repository", MODEL)
-    with running_server(folder / "repository", folder / "service.log") as server:
-        server.wait_ready()
+    with ready_server(model_repository, tmp_path_factory.mktemp("battery"), MODEL) as server:
         yield server
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service_fixtures import copy_repository, encode, running_server
+from tests.service_fixtures import encode, ready_server
 
 FLOODED = "mobilenetv2"
 BYSTANDER = "effnet"
@@ -38,11 +38,9 @@ def percentile(values: list[float], q: float) -> float:
 
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("overload")
-    with running_server(copy_repository(model_repository, folder / "repository", FLOODED, BYSTANDER),
-                        folder / "service.log", MAX_IN_FLIGHT_PER_MODEL=str(MAX_IN_FLIGHT),
-                        RETRY_AFTER_SECONDS=str(RETRY_AFTER), **ONE_CORE) as server:
-        server.wait_ready()
+    with ready_server(model_repository, tmp_path_factory.mktemp("overload"), FLOODED, BYSTANDER,
+                      MAX_IN_FLIGHT_PER_MODEL=str(MAX_IN_FLIGHT),
+                      RETRY_AFTER_SECONDS=str(RETRY_AFTER), **ONE_CORE) as server:
         yield server
 
 
@@ -155,10 +153,8 @@ TIMEOUT = 0.2
 
 @pytest.fixture(scope="module")
 def impatient_server(model_repository, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("timeout")
-    with running_server(copy_repository(model_repository, folder / "repository", FLOODED), folder / "service.log",
-                        REQUEST_TIMEOUT_SECONDS=str(TIMEOUT)) as server:
-        server.wait_ready()
+    with ready_server(model_repository, tmp_path_factory.mktemp("timeout"), FLOODED,
+                      REQUEST_TIMEOUT_SECONDS=str(TIMEOUT)) as server:
         yield server
 
 
