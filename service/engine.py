@@ -173,9 +173,10 @@ class Engine:
                 self.run(model, x, alone)
                 times[alone].append(time.perf_counter() - started)
         wide, narrow = (float(np.median(times[alone])) * 1000 for alone in (True, False))
+        wins = wide < 0.9 * narrow
         log.info("model %s: %.2f ms on %d threads, %.2f ms on 1 at batch 1; a lone request uses %s",
-                 model.name, wide, model.threads, narrow, "all" if wide < 0.9 * narrow else "1")
-        return wide < 0.9 * narrow
+                 model.name, wide, model.threads, narrow, "all" if wins else "1")
+        return wins
 
     def _session(self, path: Path, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), sess_options=session_options(self.settings, threads),
