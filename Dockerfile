@@ -24,6 +24,8 @@ ARG PIP_EXTRA_ARGS="--index-url https://download.pytorch.org/whl/cpu --extra-ind
 COPY --from=requirements /requirements/export.txt /tmp/
 RUN python -m pip install ${PIP_EXTRA_ARGS} -r /tmp/export.txt
 WORKDIR /src
+# The exporter writes metadata.json through the contract package.
+COPY contract ./contract
 COPY model_defs ./model_defs
 # WEIGHTS is what follows `--weights`: `imagenet --allow-random-fallback` gives the four models
 # with published torchvision checkpoints real ImageNet weights and the others random ones;
@@ -43,6 +45,8 @@ COPY --from=requirements /requirements/runtime.txt /tmp/
 RUN python -m pip install -r /tmp/runtime.txt && rm /tmp/runtime.txt
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cnn-serve
 WORKDIR /app
+# The service reads the model repository through the same contract package.
+COPY contract ./contract
 COPY service ./service
 # Owned by root and without write bits: the service can read its models, never change them.
 COPY --from=export /models /models

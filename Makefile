@@ -30,7 +30,7 @@ test: setup
 
 # Service vs the plain FastAPI baseline and bare onnxruntime, every model, 1 and 16 clients.
 bench: export
-	$(BIN)/python -m service.bench --image tests/data/coffee.jpg --model-repository $(REPO) --baseline
+	$(BIN)/python -m bench --image tests/data/coffee.jpg --model-repository $(REPO) --baseline
 
 docker:
 	docker build --build-arg WEIGHTS="$(WEIGHTS)" -t $(IMAGE) .

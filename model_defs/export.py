@@ -71,9 +71,9 @@ def summary_table(rows: list[tuple[ExportedModel, float]]) -> str:
     lines = [header, "-" * len(header)]
     for exported, seconds in rows:
         m = exported.metadata
-        lines.append(f"{m['name']:<18} {m['params']:>10,} {m['macs'] / 1e6:>7.1f}M "
-                     f"{m['onnx']['size_bytes'] / 1e6:>8.1f} {m['weights']['kind']:<9} "
-                     f"{m['export']['parity']['max_abs_diff']:>9.1e} {seconds:>7.1f}")
+        lines.append(f"{m.name:<18} {m.params:>10,} {m.macs / 1e6:>7.1f}M "
+                     f"{m.onnx.size_bytes / 1e6:>8.1f} {m.weights.kind:<9} "
+                     f"{m.export['parity']['max_abs_diff']:>9.1e} {seconds:>7.1f}")
     return "\n".join(lines)
 
 
@@ -87,9 +87,9 @@ def run(args: argparse.Namespace) -> list[tuple[ExportedModel, float]]:
         model, weights = build_with_weights(spec, args.weights, args.seed, args.allow_random_fallback)
         exported = write_model_folder(args.out, spec, model, weights, seed=args.seed)
         seconds = time.perf_counter() - started
-        parity = exported.metadata["export"]["parity"]["max_abs_diff"]
+        parity = exported.metadata.export["parity"]["max_abs_diff"]
         print(f"[{index}/{len(specs)}] {spec.name}: {weights.kind} weights, "
-              f"{exported.metadata['onnx']['size_bytes'] / 1e6:.1f} MB, parity {parity:.1e}, {seconds:.1f} s",
+              f"{exported.metadata.onnx.size_bytes / 1e6:.1f} MB, parity {parity:.1e}, {seconds:.1f} s",
               flush=True)
         if weights.note and weights.kind == "random" and args.weights != "random":
             print(f"    note: {weights.note}", flush=True)

@@ -1,8 +1,7 @@
 """Write one model folder of the model repository (docs/model-repository.md, version 1)."""
-import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,52 +10,46 @@ import onnxruntime
 import torch
 from torch import nn
 
+from contract import (LABELS_FILE, MODEL_FILE, SCHEMA_VERSION, InputSpec, Labels, ModelMetadata, OnnxFile,
+                      OutputSpec, Paper, Preprocessing, Weights, sha256_of, write_metadata)
 from model_defs.macs import count_macs, count_params
 from model_defs.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, check_parity, export_onnx
 from model_defs.registry import ModelSpec
-from model_defs.weights import WeightsRecord, sha256_of
-
-SCHEMA_VERSION = 1
-MODEL_FILE = "model.onnx"
-LABELS_FILE = "labels.txt"
-METADATA_FILE = "metadata.json"
 
 
 @dataclass(frozen=True)
 class ExportedModel:
     folder: Path
-    metadata: dict
+    metadata: ModelMetadata
 
 
-def build_metadata(spec: ModelSpec, model: nn.Module, weights: WeightsRecord, onnx_path: Path,
-                   labels: list[str], parity: dict) -> dict:
-    pre = spec.preprocessing
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": spec.name,
-        "architecture": spec.architecture,
-        "paper": {"title": spec.paper.title, "authors": spec.paper.authors, "year": spec.paper.year,
-                  "url": spec.paper.url},
-        "model_file": MODEL_FILE,
-        "optimized_model_file": None,
-        "onnx": {"opset": OPSET, "size_bytes": onnx_path.stat().st_size, "sha256": sha256_of(onnx_path)},
-        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
-                  "shape": [None, 3, spec.input_size, spec.input_size]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, len(labels)], "kind": "logits"},
-        "preprocessing": {"resize": pre.resize, "interpolation": pre.interpolation, "crop": pre.crop,
-                          "color": "RGB", "scale": 255.0, "mean": list(pre.mean), "std": list(pre.std)},
-        "labels": {"file": LABELS_FILE, "set": spec.labels.name, "count": len(labels)},
-        "params": count_params(model),
-        "macs": count_macs(model, spec.input_size),
-        "weights": weights.as_metadata(),
-        "export": {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
-                   "onnxruntime": onnxruntime.__version__,
-                   "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                   "parity": parity},
-    }
+def build_metadata(spec: ModelSpec, model: nn.Module, weights: Weights, onnx_path: Path,
+                   labels: list[str], parity: dict) -> ModelMetadata:
+    return ModelMetadata(
+        schema_version=SCHEMA_VERSION,
+        name=spec.name,
+        architecture=spec.architecture,
+        paper=Paper(**asdict(spec.paper)),
+        model_file=MODEL_FILE,
+        optimized_model_file=None,
+        onnx=OnnxFile(opset=OPSET, size_bytes=onnx_path.stat().st_size, sha256=sha256_of(onnx_path)),
+        input=InputSpec(name=INPUT_NAME, dtype="float32", layout="NCHW",
+                        shape=[None, 3, spec.input_size, spec.input_size]),
+        output=OutputSpec(name=OUTPUT_NAME, dtype="float32", shape=[None, len(labels)], kind="logits"),
+        # color and scale keep the contract's defaults: RGB, 255.0.
+        preprocessing=Preprocessing(**asdict(spec.preprocessing)),
+        labels=Labels(file=LABELS_FILE, set=spec.labels.name, count=len(labels)),
+        params=count_params(model),
+        macs=count_macs(model, spec.input_size),
+        weights=weights,
+        export={"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "parity": parity},
+    )
 
 
-def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weights: WeightsRecord,
+def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weights: Weights,
                        seed: int = 0) -> ExportedModel:
     """Export `model` into `<repository>/<name>/`, replacing any earlier export of it.
 
@@ -78,7 +71,7 @@ def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weig
         parity = check_parity(model, spec, onnx_path, seed=seed + 1)
         metadata = build_metadata(spec, model, weights, onnx_path, labels, parity)
         shutil.copyfile(spec.labels.file, staging / LABELS_FILE)
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        write_metadata(staging, metadata)
         folder = repository / spec.name
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)

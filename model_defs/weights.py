@@ -1,7 +1,5 @@
 """Give a freshly built model its weights: random (calibrated), torchvision's ImageNet, or custom files."""
-import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlparse
@@ -10,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from contract import RANDOM_WEIGHTS_NOTE, Weights, sha256_of
 from model_defs.registry import ModelSpec
 from model_defs.synthetic import synthetic_images
 
-RANDOM_NOTE = "Random weights: predictions are meaningless."
 CALIBRATION_IMAGES = 16
 BAD_KEYS_SHOWN = 5
 
@@ -28,27 +26,6 @@ class CheckpointUnavailable(WeightsError):
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"{name}: {reason}")
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class WeightsRecord:
-    """What the model repository says about a model's weights (`metadata["weights"]`)."""
-
-    kind: str  # "random", "imagenet" or "custom"
-    source: str
-    sha256: str | None = None
-    note: str | None = None
-
-    def as_metadata(self) -> dict:
-        return {"kind": self.kind, "source": self.source, "sha256": self.sha256, "note": self.note}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- random ---------------------------------------------------------------------------------
@@ -98,12 +75,12 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
     classifier.bias.sub_(mean).div_(scale)
 
 
-def random_weights(spec: ModelSpec, model: nn.Module, seed: int, note: str = RANDOM_NOTE) -> WeightsRecord:
+def random_weights(spec: ModelSpec, model: nn.Module, seed: int, note: str = RANDOM_WEIGHTS_NOTE) -> Weights:
     initialise(model, seed)
     calibrate(model, synthetic_images(CALIBRATION_IMAGES, spec.preprocessing, seed))
     source = (f"random init with seed {seed}; BatchNorm statistics and logit scale calibrated on "
               f"{CALIBRATION_IMAGES} synthetic images")
-    return WeightsRecord("random", source, None, note)
+    return Weights(kind="random", source=source, note=note)
 
 
 # --- loading a state_dict -------------------------------------------------------------------
@@ -129,7 +106,7 @@ def load_strict(name: str, model: nn.Module, state_dict: object, origin: str) ->
 
 # --- imagenet -------------------------------------------------------------------------------
 
-def imagenet_weights(spec: ModelSpec, model: nn.Module) -> WeightsRecord:
+def imagenet_weights(spec: ModelSpec, model: nn.Module) -> Weights:
     """torchvision's checkpoint through torch.hub: cached under $TORCH_HOME, sha256 prefix checked."""
     if spec.checkpoint_url is None:
         raise CheckpointUnavailable(spec.name, "no ImageNet checkpoint exists for this model")
@@ -145,12 +122,12 @@ def imagenet_weights(spec: ModelSpec, model: nn.Module) -> WeightsRecord:
         raise CheckpointUnavailable(spec.name, f"cannot download {url} ({error})") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
     load_strict(spec.name, model, state_dict, f"checkpoint {url}")
-    return WeightsRecord("imagenet", url, sha256_of(cached), None)
+    return Weights(kind="imagenet", source=url, sha256=sha256_of(cached))
 
 
 # --- custom ---------------------------------------------------------------------------------
 
-def custom_weights(spec: ModelSpec, model: nn.Module, directory: Path) -> WeightsRecord:
+def custom_weights(spec: ModelSpec, model: nn.Module, directory: Path) -> Weights:
     """`<directory>/<name>.pth` (a state_dict) or `<directory>/<name>.safetensors`, loaded strictly."""
     candidates = [directory / f"{spec.name}{suffix}" for suffix in (".pth", ".safetensors")]
     found = [path for path in candidates if path.is_file()]
@@ -168,13 +145,13 @@ def custom_weights(spec: ModelSpec, model: nn.Module, directory: Path) -> Weight
     except Exception as error:  # a corrupt or foreign file: report which one, whatever the reader raised
         raise WeightsError(f"{spec.name}: cannot read {path}: {error}") from None
     load_strict(spec.name, model, state_dict, path.name)
-    return WeightsRecord("custom", path.name, sha256_of(path), None)
+    return Weights(kind="custom", source=path.name, sha256=sha256_of(path))
 
 
 # --- the choice the CLI offers --------------------------------------------------------------
 
 def build_with_weights(spec: ModelSpec, weights: str, seed: int = 0,
-                       allow_random_fallback: bool = False) -> tuple[nn.Module, WeightsRecord]:
+                       allow_random_fallback: bool = False) -> tuple[nn.Module, Weights]:
     """Build `spec`'s model in eval mode with `weights`: "random", "imagenet" or a directory path."""
     model = spec.builder()
     if weights == "random":
@@ -187,7 +164,7 @@ def build_with_weights(spec: ModelSpec, weights: str, seed: int = 0,
                 raise
             model = spec.builder()
             record = random_weights(spec, model, seed,
-                                    note=f"ImageNet weights were requested: {error.reason}. {RANDOM_NOTE}")
+                                    note=f"ImageNet weights were requested: {error.reason}. {RANDOM_WEIGHTS_NOTE}")
     else:
         record = custom_weights(spec, model, Path(weights))
     return model.eval(), record

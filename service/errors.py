@@ -1,13 +1,16 @@
 """Every error a client can cause, and the one table that turns each into an HTTP response.
 
 The exception types know nothing of HTTP; they are raised near the cause (preprocess, engine,
-routes) and `STATUS_CODES` below is the only place that decides the status code.
+lifecycle, protocol adapters) and `ERRORS` below is the only place that decides each one's status
+code and its stable machine-readable `code`. Every error body is JSON: `error` (for people),
+`code` (for programs) and fields that help fix the request.
 """
 import logging
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
@@ -15,10 +18,18 @@ from starlette.routing import Match
 log = logging.getLogger("service.errors")
 
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}  # for errors Starlette raises
 ACCEPTED_FORMATS = ["JPEG", "PNG", "WebP", "GIF (first frame)", "BMP", "TIFF"]
 ACCEPTED_UPLOADS = ["multipart/form-data with the image in field 'file'",
                     "a raw body with Content-Type image/* or application/octet-stream (POST)",
                     "a raw body with PUT (curl -T)"]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer; some carry more fields that help fix the request."""
+
+    error: str = Field(description="What went wrong, for people; may be reworded.")
+    code: str = Field(description="Stable and machine-readable, e.g. unknown_model, too_many_images.")
 
 
 class ServiceError(Exception):
@@ -127,28 +138,37 @@ class InvalidInferenceRequest(ServiceError):
         super().__init__(f"invalid inference request: {reason}")
 
 
+class TooManyImages(ServiceError):
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} images in one request; the limit is {limit} "
+                         "(MAX_IMAGES_PER_REQUEST)", limit=limit)
+
+
 class InferenceFailed(ServiceError):
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(f"inference failed for model {model!r}: {reason}")
 
 
-STATUS_CODES: dict[type[ServiceError], int] = {
-    UnknownModel: 404,
-    ModelUnavailable: 503,
-    EmptyBody: 400,
-    UndecodableImage: 400,
-    UnsupportedMediaType: 415,
-    MissingFileField: 422,
-    TooManyFiles: 422,
-    TopKOutOfRange: 422,
-    BodyTooLarge: 413,
-    ImageTooLarge: 413,
-    UnknownModelVersion: 404,
-    InvalidInferenceRequest: 400,
-    InferenceFailed: 500,
-    Overloaded: 503,
-    RequestTimedOut: 504,
-    Unauthorized: 401,
+# Each error's HTTP status and its stable, machine-readable `code`: clients branch on the code,
+# people read the message, which may be reworded.
+ERRORS: dict[type[ServiceError], tuple[int, str]] = {
+    UnknownModel: (404, "unknown_model"),
+    UnknownModelVersion: (404, "unknown_model_version"),
+    ModelUnavailable: (503, "model_unavailable"),
+    EmptyBody: (400, "empty_body"),
+    UndecodableImage: (400, "undecodable_image"),
+    InvalidInferenceRequest: (400, "invalid_inference_request"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
+    MissingFileField: (422, "missing_file_field"),
+    TooManyFiles: (422, "too_many_files"),
+    TopKOutOfRange: (422, "top_k_out_of_range"),
+    BodyTooLarge: (413, "body_too_large"),
+    ImageTooLarge: (413, "image_too_large"),
+    TooManyImages: (413, "too_many_images"),
+    Unauthorized: (401, "unauthorized"),
+    Overloaded: (503, "overloaded"),
+    RequestTimedOut: (504, "timeout"),
+    InferenceFailed: (500, "inference_failed"),
 }
 
 
@@ -157,9 +177,14 @@ def json_error(status_code: int, body: dict, headers: dict[str, str] | None = No
                     media_type="application/json")
 
 
+def error_body(exc: ServiceError) -> tuple[int, dict]:
+    status, code = ERRORS[type(exc)]
+    return status, {"error": exc.message, "code": code, **exc.details}
+
+
 def error_response(exc: ServiceError) -> Response:
-    return json_error(STATUS_CODES[type(exc)], {"error": exc.message, **exc.details},
-                      headers=exc.headers or None)
+    status, body = error_body(exc)
+    return json_error(status, body, headers=exc.headers or None)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> Response:
@@ -176,9 +201,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
                           for r in request.app.routes)]
         headers = {"Allow": ", ".join(allowed)}
         return json_error(405, {"error": f"method {request.method} not allowed on {request.url.path}; "
-                                         f"allowed: {', '.join(allowed)}"}, headers=headers)
-    elif exc.status_code == 404 and exc.detail == "Not Found":
+                                         f"allowed: {', '.join(allowed)}", "code": "method_not_allowed"},
+                          headers=headers)
+    if exc.status_code == 404 and exc.detail == "Not Found":
         body = {"error": f"no route {request.url.path}; see /docs"}
+    body["code"] = HTTP_CODES.get(exc.status_code, "http_error")
     return json_error(exc.status_code, body, headers=exc.headers)
 
 
@@ -186,12 +213,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     problems = [{"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
                 for e in exc.errors()]
     message = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
-    return json_error(422, {"error": f"invalid request: {message}", "problems": problems})
+    return json_error(422, {"error": f"invalid request: {message}", "code": "invalid_request",
+                            "problems": problems})
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return json_error(500, {"error": f"internal error: {type(exc).__name__}"})
+    return json_error(500, {"error": f"internal error: {type(exc).__name__}", "code": "internal_error"})
 
 
 def install_error_handlers(app: FastAPI) -> None:

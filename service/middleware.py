@@ -1,6 +1,6 @@
-"""An ASGI layer around every request: request id, API key, body-size limit, in-flight gauge,
-metrics and one log line."""
-import hmac
+"""ASGI layers around every request, one job each: request id and access log; body-size limit;
+metrics. Predictions are recognised by what their route tells (`service.auth.count_as_prediction`),
+not by matching paths here."""
 import logging
 import os
 import re
@@ -9,27 +9,20 @@ from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge, ServiceError, Unauthorized, error_response
+from service.errors import BodyTooLarge
 from service.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger("service.access")
-# Predictions, counted and timed per model: /predict and the Open Inference Protocol's infer.
-# DOTALL: a decoded path may hold a newline, and must not slip past the API key for it.
-PREDICTION_PATH = re.compile(r"/predict/(?P<model>.+)"
-                             r"|/v2/models/(?P<oip_model>[^/]+)(/versions/[^/]+)?/infer", re.DOTALL)
 REQUEST_ID_HEADER = b"x-request-id"
 # A client's id is echoed and logged only if it cannot forge log lines or bloat them.
 SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
 
 
-class RequestObserver:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
-                 model_names: Callable[[], Collection[str]], api_key: str | None = None) -> None:
+class RequestLog:
+    """An `X-Request-ID` on every answer (the client's own if sane) and one log line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
-        self.model_names = model_names
-        self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,63 +31,95 @@ class RequestObserver:
         started = time.perf_counter()
         request_id = _request_id(scope)
         status = 500
-        limit = self.max_body_bytes
-        received = 0
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:  # a chunked upload without Content-Length, or a lying one
-                raise BodyTooLarge(limit)
-            return message
-
-        async def observed_send(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id)]
             await send(message)
 
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            _log(scope, status, (time.perf_counter() - started) * 1000, request_id.decode())
+
+
+class BodyLimit:
+    """Refuses a body over `limit` bytes (413), from Content-Length when the app starts reading it,
+    and while it streams otherwise; a route that refuses a request first (401) reads nothing."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        announced = _content_length(scope)
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if announced > self.limit:
+                raise BodyTooLarge(self.limit)
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # a chunked upload without Content-Length, or a lying one
+                raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class RequestMetrics:
+    """Requests in flight; per prediction its model, status and stage timings."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, model_names: Callable[[], Collection[str]]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.model_names = model_names
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         self.metrics.in_flight.inc()
         try:
-            refusal = self._refusal(scope)  # before reading a byte of the body
-            if refusal is not None:
-                await error_response(refusal)(scope, receive, observed_send)
-            else:
-                await self.app(scope, limited_receive, observed_send)
+            await self.app(scope, receive, observed_send)
         finally:
             self.metrics.in_flight.dec()
-            self._observe(scope, status, (time.perf_counter() - started) * 1000, request_id)
+            state = scope.get("state", {})
+            if "prediction_for" in state:
+                # Only served names become label values, so a client cannot grow the series.
+                model = state["prediction_for"]
+                state["model"] = model if model in self.model_names() else UNKNOWN_MODEL
+                self.metrics.observe_request(state["model"], status,
+                                             state.get("timings") if status == 200 else None)
 
-    def _refusal(self, scope: Scope) -> ServiceError | None:
-        if self.api_key is not None and PREDICTION_PATH.fullmatch(scope["path"]):
-            given = _api_key(scope)
-            if given is None:
-                return Unauthorized("missing API key")
-            if not hmac.compare_digest(given, self.api_key):
-                return Unauthorized("wrong API key")
-        if _content_length(scope) > self.max_body_bytes:
-            return BodyTooLarge(self.max_body_bytes)
-        return None
 
-    def _observe(self, scope: Scope, status: int, elapsed_ms: float, request_id: bytes) -> None:
-        path = scope["path"]
-        timings = scope.get("state", {}).get("timings")
-        prediction = PREDICTION_PATH.fullmatch(path)
-        # %r: a path is decoded from the URL and may hold anything, newlines included.
-        shown = path if path.isprintable() and " " not in path else repr(path)
-        if prediction is None:
-            log.info("%s %s request_id=%s status=%d total=%.1fms", scope["method"], shown,
-                     request_id.decode(), status, elapsed_ms)
-            return
-        model = prediction["model"] or prediction["oip_model"]
-        if model not in self.model_names():
-            model = UNKNOWN_MODEL
-        self.metrics.observe_request(model, status, timings if status == 200 else None)
-        stages = " ".join(f"{k}={v:.1f}ms" for k, v in (timings or {"total": elapsed_ms}).items())
-        log.info("%s %s request_id=%s model=%s status=%d %s", scope["method"], shown,
-                 request_id.decode(), model, status, stages)
+def _log(scope: Scope, status: int, elapsed_ms: float, request_id: str) -> None:
+    path = scope["path"]
+    # %r: a path is decoded from the URL and may hold anything, newlines included.
+    shown = path if path.isprintable() and " " not in path else repr(path)
+    state = scope.get("state", {})
+    if "model" not in state:
+        log.info("%s %s request_id=%s status=%d total=%.1fms", scope["method"], shown, request_id,
+                 status, elapsed_ms)
+        return
+    timings = state.get("timings") or {"total": elapsed_ms}
+    stages = " ".join(f"{k}={v:.1f}ms" for k, v in timings.items())
+    log.info("%s %s request_id=%s model=%s status=%d %s", scope["method"], shown, request_id,
+             state["model"], status, stages)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -109,13 +134,6 @@ def _request_id(scope: Scope) -> bytes:
     if given is not None and SAFE_REQUEST_ID.fullmatch(given):
         return given
     return os.urandom(16).hex().encode()
-
-
-def _api_key(scope: Scope) -> bytes | None:
-    authorization = _header(scope, b"authorization")
-    if authorization is not None and authorization[:7].lower() == b"bearer ":
-        return authorization[7:].strip()
-    return _header(scope, b"x-api-key")
 
 
 def _content_length(scope: Scope) -> int:

@@ -17,12 +17,11 @@ import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
-from pydantic import BaseModel, PositiveFloat, PositiveInt, model_validator
 
+from contract import Preprocessing
 from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
 
 INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -33,24 +32,6 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # these swap width and height
-
-
-class Preprocessing(BaseModel):
-    """The `preprocessing` block of a model's metadata.json."""
-
-    resize: PositiveInt
-    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
-    crop: PositiveInt
-    color: Literal["RGB", "BGR"] = "RGB"
-    scale: PositiveFloat = 255.0
-    mean: tuple[float, float, float]
-    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
-
-    @model_validator(mode="after")
-    def _crop_fits(self) -> "Preprocessing":
-        if self.crop > self.resize:
-            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -161,14 +142,24 @@ def warm_up() -> None:
         preprocess(buffer.getvalue(), spec, 256)
 
 
-def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int
-            ) -> tuple[DecodedImage, np.ndarray, float, float]:
-    """decode + to_tensor, timing the two stages apart (ms), for the routes' worker threads."""
+@dataclass(frozen=True)
+class PreparedImage:
+    tensor: np.ndarray  # (1, 3, crop, crop) float32
+    width: int          # of the upright image as uploaded
+    height: int
+    format: str
+    decode_ms: float
+    preprocess_ms: float
+
+
+def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int) -> PreparedImage:
+    """decode + to_tensor, timing the two stages apart, for the service's worker threads."""
     started = time.perf_counter()
     decoded = decode(data, preprocessing, max_pixels)
     decoded_at = time.perf_counter()
     tensor = to_tensor(decoded.image, preprocessing)
-    return decoded, tensor, (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000
+    return PreparedImage(tensor, decoded.width, decoded.height, decoded.format,
+                         (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000)
 
 
 def preprocess(data: bytes, preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
 
     top_k: PositiveInt = Field(5, description="Default number of classes returned by /predict.")
     max_body_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest request body accepted.")
+    max_images_per_request: PositiveInt = Field(
+        16, description="Most images (or tensor rows) one request may carry; 413 above.")
     max_image_pixels: PositiveInt = Field(40_000_000, description="Largest decoded image (width x height).")
     stats_window: PositiveInt = Field(10_000, description="Recent requests per model kept for percentiles.")
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-BENCH = [sys.executable, "-m", "service.bench"]
+BENCH = [sys.executable, "-m", "bench"]
 
 
 def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository, photos, tmp_path):

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
-from service.preprocess import Preprocessing, decode, preprocess, to_tensor
+from contract import Preprocessing
+from service.preprocess import decode, preprocess, to_tensor
 from tests.service_fixtures import (IMAGENET, ONE_GRAY_LEVEL, assert_matches_reference, encode,
                                     reference_tensor)
 

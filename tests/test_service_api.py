@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.preprocess import Preprocessing, preprocess
+from contract import Preprocessing
+from service.preprocess import preprocess
 from tests.service_fixtures import copy_repository, encode, rss_bytes, running_server
 
 MAX_BODY_BYTES = 2_000_000
@@ -127,6 +128,7 @@ def test_top_k_outside_the_models_class_count_is_refused(client, photos, model, 
     response = client.post(f"/predict/{model}", params={"top_k": top_k},
                            content=photos["rocket"].read_bytes(), headers={"Content-Type": "image/jpeg"})
     assert response.status_code == 422
+    assert response.json()["code"] == "top_k_out_of_range"
     assert response.json()["error"] == (f"top_k must be between 1 and {classes} "
                                         f"(the model's class count), got {top_k}")
 
@@ -282,6 +284,7 @@ def test_a_truncated_upload_is_400_saying_truncated(client, photos):
 def test_a_multipart_upload_without_the_file_field_is_422(client, photos):
     response = client.post("/predict/effnet", files={"image": ("a.jpg", photos["rocket"].read_bytes())})
     assert response.status_code == 422
+    assert response.json()["code"] == "missing_file_field"
     assert response.json()["error"] == "multipart body has no file in field 'file' (fields sent: image)"
 
 
@@ -297,8 +300,9 @@ def test_too_many_bytes_is_413_stating_the_limit(client):
                      # chunked, without Content-Length: cut off while reading
                      client.put("/predict/effnet", content=iter([too_big[:1_000_000], too_big[1_000_000:]]))):
         assert response.status_code == 413
-        assert response.json() == {"error": f"request body larger than the limit of {MAX_BODY_BYTES} "
-                                            "bytes (MAX_BODY_BYTES)", "limit_bytes": MAX_BODY_BYTES}
+        refusal = response.json()
+        assert refusal["code"] == "body_too_large" and refusal["limit_bytes"] == MAX_BODY_BYTES
+        assert str(MAX_BODY_BYTES) in refusal["error"]
 
 
 def test_a_decompression_bomb_is_413_stating_the_pixel_limit(client):
@@ -306,6 +310,7 @@ def test_a_decompression_bomb_is_413_stating_the_pixel_limit(client):
     assert len(bomb) < MAX_BODY_BYTES
     response = client.put("/predict/effnet", content=bomb)
     assert response.status_code == 413
+    assert response.json()["code"] == "image_too_large"
     assert response.json()["error"] == ("image too large (5000x4001 = 20005000 pixels): the limit is "
                                         f"{MAX_IMAGE_PIXELS} pixels (MAX_IMAGE_PIXELS)")
 
@@ -314,7 +319,8 @@ def test_a_decompression_bomb_is_413_stating_the_pixel_limit(client):
 def test_a_wrong_method_is_a_json_405(client, method):
     response = client.request(method, "/predict/effnet")
     assert response.status_code == 405
-    assert response.json() == {"error": f"method {method} not allowed on /predict/effnet; allowed: POST, PUT"}
+    body = response.json()
+    assert body["code"] == "method_not_allowed" and body["error"].endswith("allowed: POST, PUT")
     assert response.headers["Allow"] == "POST, PUT"
 
 
@@ -347,7 +353,8 @@ def test_readiness_is_503_while_models_load_and_200_once_all_are_warm(model_repo
         assert early.json()["ready"] is False and "loading" in early.json()["models"].values()
         waiting = [n for n, s in early.json()["models"].items() if s == "loading"][-1]
         response = httpx.put(f"{server.url}/predict/{waiting}", content=photos["rocket"].read_bytes())
-        assert response.status_code == 503 and response.json()["error"] == f"model {waiting!r} is loading"
+        assert response.status_code == 503 and response.json()["code"] == "model_unavailable"
+        assert response.json()["error"] == f"model {waiting!r} is loading"
         server.wait_ready()
         ready = httpx.get(server.url + "/health/ready").json()
         assert ready["ready"] and set(ready["models"].values()) == {"ready"} and ready["failed"] == {}

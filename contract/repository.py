@@ -1,100 +1,34 @@
-"""Reads the model repository described in docs/model-repository.md. Knows nothing of HTTP or ONNX.
+"""Reading and writing model folders of the repository described in docs/model-repository.md.
 
 A model is a folder with a metadata.json. Anything wrong with one model (bad metadata, missing
-file, hash or size mismatch, wrong label count) makes that model `failed`, never the repository.
+file, hash or size mismatch, wrong label count) makes that model fail, never the repository.
 """
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from service.preprocess import Preprocessing
-
-METADATA_FILE = "metadata.json"
+from contract.metadata import METADATA_FILE, ModelMetadata
 
 
 class RepositoryNotFound(Exception):
-    pass
+    """The model repository is not a folder."""
 
 
 class ModelLoadError(Exception):
     """A model folder that cannot be served; the message says why."""
 
 
-class Paper(BaseModel):
-    title: str
-    authors: str | None = None
-    year: int | None = None
-    url: str | None = None
-
-
-class OnnxFile(BaseModel):
-    opset: int
-    size_bytes: int
-    sha256: str
-
-
-class InputSpec(BaseModel):
-    name: str
-    dtype: Literal["float32"]
-    layout: Literal["NCHW"]
-    shape: list[int | None]
-
-
-class OutputSpec(BaseModel):
-    name: str
-    dtype: Literal["float32"]
-    shape: list[int | None]
-    kind: Literal["logits", "probabilities"]
-
-
-class Labels(BaseModel):
-    file: str
-    set: str
-    count: int = Field(gt=0)
-
-
-class Weights(BaseModel):
-    kind: Literal["random", "imagenet", "custom"]
-    source: str | None = None
-    sha256: str | None = None
-    note: str | None = None
-
-
-class ModelMetadata(BaseModel):
-    """metadata.json, version 1. Unknown extra fields are kept and reported as they stand."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-    schema_version: Literal[1]
-    name: str
-    architecture: str
-    paper: Paper | None = None
-    model_file: str
-    optimized_model_file: str | None = None
-    onnx: OnnxFile
-    input: InputSpec
-    output: OutputSpec
-    preprocessing: Preprocessing
-    labels: Labels
-    params: int | None = None
-    macs: int | None = None
-    weights: Weights
-    export: dict[str, Any] = {}
-
-
-@dataclass
+@dataclass(frozen=True)
 class ModelFolder:
-    """One folder of the repository; `metadata` is None when metadata.json could not be read."""
+    """One folder of the repository; `metadata` is None, and `error` says why, when it could not be read."""
 
     name: str
     path: Path
     metadata: ModelMetadata | None = None
     error: str | None = None
-    labels: list[str] = field(default_factory=list)
 
     @property
     def model_file(self) -> Path:
@@ -109,16 +43,15 @@ def discover(repository: Path) -> list[ModelFolder]:
                                  "(set MODEL_REPOSITORY)")
     folders = []
     for path in sorted(p for p in repository.iterdir() if (p / METADATA_FILE).is_file()):
-        folder = ModelFolder(name=path.name, path=path)
         try:
-            folder.metadata = read_metadata(path)
+            folders.append(ModelFolder(path.name, path, metadata=read_metadata(path)))
         except ModelLoadError as exc:
-            folder.error = str(exc)
-        folders.append(folder)
+            folders.append(ModelFolder(path.name, path, error=str(exc)))
     return folders
 
 
 def read_metadata(path: Path) -> ModelMetadata:
+    """The metadata.json of the model folder `path`, which must be named after the model."""
     try:
         metadata = ModelMetadata.model_validate(json.loads((path / METADATA_FILE).read_bytes()))
     except (OSError, json.JSONDecodeError) as exc:
@@ -132,8 +65,14 @@ def read_metadata(path: Path) -> ModelMetadata:
     return metadata
 
 
-def verify(folder: ModelFolder) -> None:
-    """Check the ONNX file against the recorded size and sha256, and load the labels."""
+def write_metadata(folder: Path, metadata: ModelMetadata) -> None:
+    # json.dumps rather than pydantic's JSON: it writes floats and non-ASCII text as earlier exports did.
+    text = json.dumps(metadata.model_dump(mode="json"), indent=2) + "\n"
+    (folder / METADATA_FILE).write_text(text, encoding="utf-8")
+
+
+def verify(folder: ModelFolder) -> list[str]:
+    """Check the ONNX file against the recorded size and sha256; return the labels."""
     if folder.metadata is None:
         raise ModelLoadError(folder.error or "no metadata")
     meta = folder.metadata
@@ -143,13 +82,14 @@ def verify(folder: ModelFolder) -> None:
     size = model_file.stat().st_size
     if size != meta.onnx.size_bytes:
         raise ModelLoadError(f"{meta.model_file} is {size} bytes, metadata says {meta.onnx.size_bytes}")
-    digest = _sha256(model_file)
+    digest = sha256_of(model_file)
     if digest != meta.onnx.sha256.lower():
         raise ModelLoadError(f"{meta.model_file} sha256 {digest} differs from metadata {meta.onnx.sha256}")
-    folder.labels = read_labels(folder.path / meta.labels.file, meta.labels.count)
+    return read_labels(folder.path / meta.labels.file, meta.labels.count)
 
 
 def read_labels(path: Path, count: int) -> list[str]:
+    """The class names in `path`, one a line; there must be `count` of them."""
     try:
         labels = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -159,7 +99,8 @@ def read_labels(path: Path, count: int) -> list[str]:
     return labels
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so a large checkpoint is never wholly in memory."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -5,7 +5,7 @@ and calls `session.run` with one intra-op thread; FastAPI runs it in its threadp
 best of the usual ways to serve these models on a small CPU machine, so the service is judged by
 how far it gets past it.
 
-    python -m service.baseline --model-repository DIR [--models a,b] [--port 8001]
+    python -m bench.baseline --model-repository DIR [--models a,b] [--port 8001]
 
 It answers `POST /predict/{model}` (form field `file`, query `top_k`) and `GET /health/ready`.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
@@ -20,8 +21,8 @@ import uvicorn
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from pydantic import BaseModel
 
-from service.engine import servable_onnx_file
-from service.model_repository import ModelFolder, read_metadata
+from bench.bare import open_model
+from contract import ModelMetadata
 from service.postprocess import top_k as best_classes
 from service.preprocess import preprocess
 from service.settings import Settings
@@ -29,18 +30,20 @@ from service.settings import Settings
 INTRA_OP_THREADS = 1  # with the threadpool running several requests at once, this used the cores best
 
 
+@dataclass(frozen=True)
 class Model:
-    def __init__(self, model_dir: Path) -> None:
-        self.metadata = read_metadata(model_dir)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = INTRA_OP_THREADS
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(model_dir / servable_onnx_file(ModelFolder(model_dir.name, model_dir, self.metadata))),
-            options, providers=["CPUExecutionProvider"],
-        )
-        labels_file = model_dir / self.metadata.labels.file
-        self.labels = labels_file.read_text(encoding="utf-8").splitlines()
+    metadata: ModelMetadata
+    session: ort.InferenceSession
+    labels: list[str]
+
+
+def load_model(model_dir: Path) -> Model:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = INTRA_OP_THREADS
+    options.inter_op_num_threads = 1
+    opened = open_model(model_dir, options)
+    labels_file = model_dir / opened.metadata.labels.file
+    return Model(opened.metadata, opened.session, labels_file.read_text(encoding="utf-8").splitlines())
 
 
 class Prediction(BaseModel):
@@ -56,7 +59,7 @@ class PredictResponse(BaseModel):
 
 def create_app(repository: Path, names: list[str] | None = None) -> FastAPI:
     folders = sorted(p.parent for p in repository.glob("*/metadata.json"))
-    models = {d.name: Model(d) for d in folders if names is None or d.name in names}
+    models = {d.name: load_model(d) for d in folders if names is None or d.name in names}
     max_pixels = Settings().max_image_pixels
     app = FastAPI(title="baseline")
 
@@ -81,7 +84,7 @@ def create_app(repository: Path, names: list[str] | None = None) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m service.baseline", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.split("\n")[0])
     parser.add_argument("--model-repository", type=Path, default=os.environ.get("MODEL_REPOSITORY"))
     parser.add_argument("--models", help="comma-separated model names (default: all)")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))

@@ -1,0 +1,174 @@
+"""One bench run: the servers under test (started here or given by URL), and per model the bare
+`session.run` beside each server's cells at every concurrency level."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import ContextManager, Iterator
+
+import onnxruntime as ort
+
+from bench.bare import BareRun, bare_session_run
+from bench.baseline import INTRA_OP_THREADS as BASELINE_THREADS
+from bench.load import Cell, drive, multipart_request, summarise
+from bench.report import Results, ServerSummary, comparisons, ms
+from bench.servers import (ServerProcess, answers_200, cpu_seconds, http_get, rss_bytes, running,
+                           running_service, wait_for)
+from service.settings import available_cores
+
+READY_TIMEOUT_S = 120.0
+URL_READY_TIMEOUT_S = 10.0
+# The service hands freed inference memory back to the OS after a second without inference.
+SETTLE_S = 2.0
+
+
+class BenchError(Exception):
+    """A reason the bench cannot run, told to the user as one line."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under test: one started here (with its process) or one given by URL."""
+
+    name: str
+    host: str
+    port: int
+    intra_op_threads: int
+    model_threads: dict[str, int] = field(default_factory=dict)  # where it differs by model
+    process: ServerProcess | None = None
+    ready_s: float | None = None
+    rss_ready_mb: float | None = None
+
+    def threads(self, model: str) -> int:
+        return self.model_threads.get(model, self.intra_op_threads)
+
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.process.pid) if self.process else None
+
+    def rss_mb(self) -> float | None:
+        return rss_mb(self.process) if self.process else None
+
+    def summary(self, rss_mb: float | None, rss_settled_mb: float | None) -> ServerSummary:
+        return ServerSummary(self.name, f"http://{self.host}:{self.port}", self.process is not None,
+                             self.intra_op_threads, self.model_threads, self.ready_s,
+                             self.rss_ready_mb, rss_mb, rss_settled_mb)
+
+
+def rss_mb(process: ServerProcess) -> float | None:
+    rss = rss_bytes(process.pid)
+    return None if rss is None else round(rss / 2**20, 1)
+
+
+def model_threads(host: str, port: int) -> dict[str, int]:
+    """The threads of a lone inference, per model, as the service's /models reports them (a
+    server without /models, like the baseline, has one count for all)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        reply = http_get(host, port, "/models")
+        if reply.status == 200:
+            return {m["name"]: int(m["intra_op_threads"]) for m in reply.json()["models"]}
+    return {}
+
+
+@contextlib.contextmanager
+def started(name: str, server: ContextManager[ServerProcess], intra_op_threads: int) -> Iterator[Target]:
+    """A server process, as a target once it is ready, until the block ends."""
+    with server as process:
+        ready_s = process.wait_ready(READY_TIMEOUT_S)
+        yield Target(name, process.host, process.port, intra_op_threads,
+                     model_threads(process.host, process.port), process, round(ready_s, 2),
+                     rss_mb(process))
+
+
+def given(host: str, port: int, intra_op_threads: int) -> Target:
+    """A server someone else runs, once it is ready."""
+    wait_for(host, port, "/health/ready", answers_200, URL_READY_TIMEOUT_S)
+    return Target("service", host, port, intra_op_threads, model_threads(host, port))
+
+
+def targets(args: argparse.Namespace, address: tuple[str, int] | None, models: list[str],
+            stack: contextlib.ExitStack) -> list[Target]:
+    """The service (at `address`, else started here) and, with --baseline, the baseline."""
+    threads = args.intra_op_threads or available_cores()
+    if address:
+        found = [given(*address, threads)]
+    else:
+        env = {"INTRA_OP_THREADS": str(args.intra_op_threads)} if args.intra_op_threads else {}
+        service = running_service(args.model_repository, args.out / "service.log", **env)
+        found = [stack.enter_context(started("service", service, threads))]
+    if args.baseline:
+        command = [sys.executable, "-m", "bench.baseline", "--model-repository",
+                   str(args.model_repository), "--models", ",".join(models)]
+        baseline = running(command, args.out / "baseline.log")
+        found.append(stack.enter_context(started("baseline", baseline, BASELINE_THREADS)))
+    return found
+
+
+def run_cell(target: Target, model: str, request: bytes, concurrency: int, warmup: int,
+             requests: int, time_limit: float, bare: BareRun | None) -> Cell:
+    """Drive one server with `concurrency` clients; the bare run is the one with its threads."""
+    cpu_before = target.cpu_seconds()
+    load = drive(target.host, target.port, request, concurrency, warmup, requests, time_limit)
+    cpu_after = target.cpu_seconds()
+    server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    cell = summarise(target.name, model, concurrency, requests, load, server_cpu)
+    return replace(cell, intra_op_threads=target.threads(model),
+                   bare_p50_ms=bare.p50_ms if bare else None,
+                   preprocess_p50_ms=bare.preprocess_p50_ms if bare else None)
+
+
+def bare_runs(args: argparse.Namespace, image: bytes, model: str, servers: list[Target]) -> list[BareRun]:
+    """Bare `session.run` once with each thread count the servers use for `model`; none for a
+    name the repository lacks (it is still sent: the servers' answers show as errors)."""
+    if args.model_repository is None or not (args.model_repository / model / "metadata.json").exists():
+        return []
+    return [bare_session_run(args.model_repository / model, image, threads, args.bare_runs, args.time_limit)
+            for threads in dict.fromkeys(server.threads(model) for server in servers)]
+
+
+def cells_of(args: argparse.Namespace, image: bytes, model: str, servers: list[Target],
+             bare: list[BareRun]) -> list[Cell]:
+    bare_by_threads = {run.intra_op_threads: run for run in bare}
+    cells = []
+    for concurrency in args.concurrency:
+        warmup = args.warmup if args.warmup is not None else max(10, 2 * concurrency)
+        for server in servers:
+            request = multipart_request(server.host, server.port, f"/predict/{model}?top_k=5",
+                                        image, args.image.name)
+            cell = run_cell(server, model, request, concurrency, warmup, args.requests,
+                            args.time_limit, bare_by_threads.get(server.threads(model)))
+            cells.append(cell)
+            print(f"{server.name} {model} x{concurrency}: {cell.requests_per_s:.1f} req/s, "
+                  f"p50 {ms(cell.p50_ms)} ms, {cell.errors} errors", file=sys.stderr, flush=True)
+    return cells
+
+
+def summaries(servers: list[Target]) -> list[ServerSummary]:
+    """Each server, with its RSS right after the last cell and again once it has been idle a while."""
+    after = [server.rss_mb() for server in servers]
+    if any(server.process for server in servers):
+        time.sleep(SETTLE_S)
+    return [server.summary(rss, server.rss_mb()) for server, rss in zip(servers, after)]
+
+
+def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: list[Target]) -> Results:
+    cells, bare = [], []
+    for model in models:
+        bare_here = bare_runs(args, image, model, servers)
+        bare += bare_here
+        cells += cells_of(args, image, model, servers, bare_here)
+    return Results(
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine={"cpus": os.cpu_count(), "platform": platform.platform(),
+                 "python": platform.python_version(), "onnxruntime": ort.__version__},
+        image={"name": args.image.name, "bytes": len(image)},
+        settings={"concurrency": args.concurrency, "requests": args.requests,
+                  "warmup": args.warmup, "time_limit_s": args.time_limit, "url": args.url},
+        bare_session_run=bare, servers=summaries(servers), cells=cells,
+        service_vs_baseline=comparisons(cells),
+    )

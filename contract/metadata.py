@@ -1,0 +1,100 @@
+"""The pydantic models of metadata.json, version 1 (docs/model-repository.md)."""
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+SCHEMA_VERSION = 1
+METADATA_FILE = "metadata.json"
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+RANDOM_WEIGHTS_NOTE = "Random weights: predictions are meaningless."
+
+ModelStatus = Literal["loading", "ready", "failed"]
+WeightsKind = Literal["random", "imagenet", "custom"]
+
+
+class Preprocessing(BaseModel):
+    """How an image becomes the input tensor: torchvision's Resize, CenterCrop, ToTensor, Normalize."""
+
+    resize: PositiveInt = Field(description="Length of the shorter side after resizing, in pixels.")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = Field(
+        "bilinear", description="Resampling filter of the resize (PIL's filter of that name).")
+    crop: PositiveInt = Field(description="Side of the square centre crop taken after resizing; at most `resize`.")
+    color: Literal["RGB", "BGR"] = Field("RGB", description="Channel order of the input tensor.")
+    scale: PositiveFloat = Field(255.0, description="Pixel values are divided by this before normalising.")
+    mean: tuple[float, float, float] = Field(description="Per-channel mean subtracted after scaling.")
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
+        description="Per-channel standard deviation divided by after subtracting the mean.")
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "Preprocessing":
+        if self.crop > self.resize:
+            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
+        return self
+
+
+class Paper(BaseModel):
+    title: str = Field(description="Title of the paper that introduced the architecture.")
+    authors: str | None = Field(None, description="Authors, e.g. 'Howard et al.'.")
+    year: int | None = Field(None, description="Year of publication.")
+    url: str | None = Field(None, description="Where to read the paper.")
+
+
+class OnnxFile(BaseModel):
+    opset: int = Field(description="ONNX opset the graph was exported with.")
+    size_bytes: int = Field(description="Size of `model_file`; checked when the model is loaded.")
+    sha256: str = Field(description="Hex sha256 of `model_file`; checked when the model is loaded.")
+
+
+class InputSpec(BaseModel):
+    name: str = Field(description="Name of the graph's single input tensor.")
+    dtype: Literal["float32"] = Field(description="Element type of the input tensor.")
+    layout: Literal["NCHW"] = Field(description="Axis order of the input tensor.")
+    shape: list[int | None] = Field(description="Input shape; null marks the dynamic batch axis.")
+
+
+class OutputSpec(BaseModel):
+    name: str = Field(description="Name of the graph's single output tensor.")
+    dtype: Literal["float32"] = Field(description="Element type of the output tensor.")
+    shape: list[int | None] = Field(description="Output shape; null marks the dynamic batch axis.")
+    kind: Literal["logits", "probabilities"] = Field(
+        description="What the output holds; softmax turns logits into probabilities.")
+
+
+class Labels(BaseModel):
+    file: str = Field(description="Class-name file relative to the model folder: UTF-8, line i names class i.")
+    set: str = Field(description="Name of the label set, e.g. 'imagenet-1k'.")
+    count: int = Field(gt=0, description="Number of lines in `file`; equals the number of output classes.")
+
+
+class Weights(BaseModel):
+    kind: WeightsKind = Field(description="Where the weights came from.")
+    source: str | None = Field(None, description="The seed, checkpoint URL or file the weights came from.")
+    sha256: str | None = Field(None, description="Hex sha256 of the checkpoint file, if there was one.")
+    note: str | None = Field(None, description="Says plainly when predictions are meaningless.")
+
+
+class ModelMetadata(BaseModel):
+    """metadata.json, version 1. Unknown extra fields are kept and reported as they stand."""
+
+    # protected_namespaces=(): `model_file` is a field here, not pydantic's `model_` namespace.
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    schema_version: Literal[1] = Field(description="Version of this format.")
+    name: str = Field(description="The model's URL name; equals its folder name.")
+    architecture: str = Field(description="Human name of the network, e.g. 'MobileNetV3-Large 1.0'.")
+    paper: Paper | None = Field(None, description="The paper that introduced the architecture.")
+    model_file: str = Field(description="ONNX file relative to the model folder.")
+    optimized_model_file: str | None = Field(
+        None, description="Optional onnxruntime-optimized file relative to the folder, used only by the "
+                          "onnxruntime version in `export.onnxruntime`.")
+    onnx: OnnxFile = Field(description="What `model_file` is, to check it at load.")
+    input: InputSpec = Field(description="The graph's single input.")
+    output: OutputSpec = Field(description="The graph's single output.")
+    preprocessing: Preprocessing = Field(description="How an image becomes the input tensor.")
+    labels: Labels = Field(description="The class names.")
+    params: int | None = Field(None, description="Number of parameters.")
+    macs: int | None = Field(None, description="Multiply-accumulates for one image.")
+    weights: Weights = Field(description="Where the weights came from.")
+    export: dict[str, Any] = Field({}, description="Tool versions, time and the ONNX-vs-PyTorch parity check "
+                                                   "of the export; reported as it stands.")

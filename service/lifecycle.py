@@ -1,0 +1,119 @@
+"""A prediction's life, one fixed sequence for every protocol:
+
+    look the model up → admit (in-flight limit, deadline) → read the body (bounded)
+    → decode the wire format → decode and preprocess the images → batch and infer
+    → encode the answer (postprocessing, e.g. top-k, is the protocol's)
+
+A protocol is an `Adapter` (`service/protocols/`): it reads its wire format into `Inputs` and writes
+a `Result` back in its wire format, and nothing else. Every bound is enforced here, once, for all
+protocols: body bytes (the limit middleware counts what `read` receives), images per request,
+pixels per image, in-flight requests per model and the request's deadline.
+
+Where the model is idle, a lone image is decoded, preprocessed and inferred on one inference
+worker (one hand-off from the event loop); otherwise each image is decoded in the preprocessing
+pool, in parallel, and the batch queues for the model's inference workers.
+"""
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from fastapi import Request, Response
+
+from service import preprocess
+from service.admission import Admission
+from service.batching import Inference
+from service.engine import Engine, ServedModel
+from service.errors import TooManyImages
+from service.metrics import server_timing
+from service.preprocess import PreparedImage
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a request asks the model to classify: encoded images or the model's own tensor."""
+
+    images: list[bytes] | None = None  # image files, preprocessed as the model's metadata says
+    tensor: np.ndarray | None = None   # (N, 3, H, W) float32, already preprocessed by the client
+    options: Any = None                # the adapter's own request options, handed back in Result
+
+    @property
+    def count(self) -> int:
+        return len(self.images) if self.images is not None else self.tensor.shape[0]
+
+
+@dataclass(frozen=True)
+class Result:
+    model: ServedModel
+    outputs: np.ndarray            # (N, classes): the model's output rows, in request order
+    images: list[PreparedImage]    # one per image sent; empty for a tensor
+    timings: dict[str, float]      # ms per stage: decode, preprocess (images only), queue, inference, total
+    options: Any
+
+
+class Adapter(Protocol):
+    """One protocol's wire format; see `service/protocols/`."""
+
+    parses_body: bool  # decode parses the body (JSON, base64), so it runs off the event loop
+
+    async def read(self, request: Request) -> Any:
+        """The request's payload, read from the body."""
+
+    def decode(self, payload: Any, model: ServedModel) -> Inputs:
+        """The payload as Inputs; raises a ServiceError saying what is wrong with it."""
+
+    def encode(self, result: Result) -> Response:
+        """The result in the protocol's wire format."""
+
+
+class Lifecycle:
+    def __init__(self, engine: Engine, admission: Admission, settings: Settings) -> None:
+        self.engine, self.admission, self.settings = engine, admission, settings
+        self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+
+    async def handle(self, request: Request, model_name: str, adapter: Adapter) -> Response:
+        started = time.perf_counter()
+        model = self.engine.model(model_name)  # UnknownModel 404, ModelUnavailable 503
+        async with self.admission.admit(model.name):  # Overloaded 503; RequestTimedOut 504
+            payload = await adapter.read(request)
+            if adapter.parses_body:
+                inputs = await self._in_pool(adapter.decode, payload, model)
+            else:
+                inputs = adapter.decode(payload, model)
+            if inputs.count > self.settings.max_images_per_request:
+                raise TooManyImages(inputs.count, self.settings.max_images_per_request)
+            images, inference = await self._infer(model, inputs)
+        timings = {"decode": sum(i.decode_ms for i in images),
+                   "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
+        timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
+                       total=(time.perf_counter() - started) * 1000)
+        request.state.timings = timings  # for the metrics and the access log
+        response = adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
+        response.headers["Server-Timing"] = server_timing(timings)
+        return response
+
+    async def _infer(self, model: ServedModel, inputs: Inputs) -> tuple[list[PreparedImage], Inference]:
+        if inputs.images is None:
+            return [], await self.engine.infer(model, inputs.tensor)
+        spec, max_pixels = model.metadata.preprocessing, self.settings.max_image_pixels
+        if len(inputs.images) == 1 and self.engine.idle(model):
+            prepared: list[PreparedImage] = []
+
+            def prepare() -> np.ndarray:  # on the inference worker that then runs the model
+                prepared.append(preprocess.prepare(inputs.images[0], spec, max_pixels))
+                return prepared[0].tensor
+
+            return prepared, await self.engine.infer(model, prepare)
+        prepared = await asyncio.gather(*(self._in_pool(preprocess.prepare, data, spec, max_pixels)
+                                          for data in inputs.images))
+        batch = np.concatenate([p.tensor for p in prepared])
+        return list(prepared), await self.engine.infer(model, batch)
+
+    async def _in_pool(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

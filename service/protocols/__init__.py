@@ -1,0 +1,1 @@
+"""One module per protocol: a thin adapter from its wire format to the lifecycle and back."""

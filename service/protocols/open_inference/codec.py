@@ -1,0 +1,205 @@
+"""The Open Inference Protocol's wire format to arrays and back: JSON header, binary tensor data,
+length-prefixed or base64 BYTES elements, and the classification extension's strings.
+
+Which input a request uses: it carries exactly one input, and its datatype decides.
+- FP32: the model's own tensor input, named and shaped as the model repository declares
+  (e.g. `input`, [N, 3, 224, 224]), already preprocessed by the client.
+- BYTES: N encoded images (JPEG, PNG...), preprocessed exactly as /predict does. Named `image`,
+  or the tensor input's own name as OpenVINO Model Server clients send it. In binary form each
+  element is a 4-byte little-endian length then the file bytes; in JSON, a base64 string.
+"""
+import base64
+import binascii
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from contract import ModelMetadata
+from service.errors import InvalidInferenceRequest
+from service.postprocess import top_k as best_classes
+from service.protocols.open_inference.wire import InferenceRequest, RequestInput, ResponseOutput
+
+IMAGE_INPUT = "image"
+DATATYPES = {"float32": "FP32"}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+LENGTH_PREFIX = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class WantedOutput:
+    name: str
+    binary: bool
+    classification: int | None  # top-k as "score:class_id:label" instead of the raw tensor
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    body: InferenceRequest
+    wanted: list[WantedOutput]
+    images: list[bytes] | None   # BYTES input: the encoded image files
+    tensor: np.ndarray | None    # FP32 input
+
+
+def wire_shape(shape: list[int | None]) -> list[int]:
+    return [-1 if d is None else d for d in shape]
+
+
+def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata) -> DecodedRequest:
+    """A whole infer request, checked against the model's metadata."""
+    request, binary = _split_body(body, header_length)
+    wanted = _wanted_outputs(request, meta)
+    if len(request.inputs) != 1:
+        raise InvalidInferenceRequest(
+            f"send exactly one input: {meta.input.name!r} (FP32 {wire_shape(meta.input.shape)}) "
+            f"or {IMAGE_INPUT!r} (BYTES [N], encoded images); got {len(request.inputs)}")
+    given = request.inputs[0]
+    raw = _binary_data(given, binary)
+    if given.datatype == "BYTES":
+        return DecodedRequest(request, wanted, _encoded_images(given, raw, meta), None)
+    return DecodedRequest(request, wanted, None, _tensor(given, raw, meta))
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
+    """The JSON header parsed, and the binary tensor data after it."""
+    json_part, binary = body, b""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise InvalidInferenceRequest(f"{HEADER_LENGTH} {header_length!r} is not a number") from None
+        if length == 0:
+            raise InvalidInferenceRequest(f"raw binary requests ({HEADER_LENGTH}: 0) are not "
+                                          "supported; send the JSON header before the binary data")
+        if not 0 < length <= len(body):
+            raise InvalidInferenceRequest(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
+        json_part, binary = body[:length], body[length:]
+    try:
+        return InferenceRequest.model_validate_json(json_part), binary
+    except ValidationError as exc:
+        raise InvalidInferenceRequest("; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())) from None
+
+
+def _wanted_outputs(body: InferenceRequest, meta: ModelMetadata) -> list[WantedOutput]:
+    all_binary = body.parameters.get("binary_data_output") is True
+    if not body.outputs:  # none named: every output
+        return [WantedOutput(meta.output.name, all_binary, None)]
+    wanted = []
+    for output in body.outputs:
+        if output.name != meta.output.name:
+            raise InvalidInferenceRequest(f"unknown output {output.name!r}; the model's output is "
+                                          f"{meta.output.name!r}")
+        k = output.parameters.get("classification")
+        if k is not None and (type(k) is not int or not 1 <= k <= meta.labels.count):
+            raise InvalidInferenceRequest(f"classification must be a whole number from 1 to "
+                                          f"{meta.labels.count} (the model's class count), got {k!r}")
+        wanted.append(WantedOutput(output.name, output.parameters.get("binary_data", all_binary) is True, k))
+    return wanted
+
+
+def _binary_data(given: RequestInput, binary: bytes) -> bytes | None:
+    """The input's binary data, or None when it comes as JSON `data`."""
+    size = given.parameters.get("binary_data_size")
+    if size is None and binary:
+        raise InvalidInferenceRequest(f"{len(binary)} bytes follow the JSON header but input "
+                                      f"{given.name!r} has no binary_data_size")
+    if size is not None and size != len(binary):
+        raise InvalidInferenceRequest(f"input {given.name!r} says binary_data_size {size} but "
+                                      f"{len(binary)} bytes follow the JSON header")
+    if size is None and given.data is None:
+        raise InvalidInferenceRequest(f"input {given.name!r} has neither data nor binary_data_size")
+    return binary if size is not None else None
+
+
+def _tensor(given: RequestInput, raw: bytes | None, meta: ModelMetadata) -> np.ndarray:
+    declared = meta.input.shape
+    datatype = DATATYPES[meta.input.dtype]
+    if given.name != meta.input.name or given.datatype != datatype:
+        raise InvalidInferenceRequest(
+            f"input {given.name!r} {given.datatype}: the model takes {meta.input.name!r} "
+            f"{datatype} {wire_shape(declared)} or {IMAGE_INPUT!r} BYTES [N]")
+    if len(given.shape) != len(declared) or given.shape[0] < 1 or any(
+            d is not None and d != s for d, s in zip(declared, given.shape)):
+        raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape}; the model "
+                                      f"takes {wire_shape(declared)} (-1: any batch size from 1)")
+    count = math.prod(given.shape)
+    if raw is not None:
+        if len(raw) != count * 4:
+            raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs "
+                                          f"{count * 4} bytes of FP32, got {len(raw)}")
+        return np.frombuffer(raw, dtype="<f4").reshape(given.shape)
+    try:
+        array = np.asarray(given.data, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InvalidInferenceRequest(f"data of input {given.name!r} is not a (nested) list of "
+                                      "numbers") from None
+    if array.size != count:
+        raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs {count} "
+                                      f"numbers, got {array.size}")
+    return array.reshape(given.shape)
+
+
+def _encoded_images(given: RequestInput, raw: bytes | None, meta: ModelMetadata) -> list[bytes]:
+    if given.name not in (IMAGE_INPUT, meta.input.name):
+        raise InvalidInferenceRequest(f"BYTES input {given.name!r}: encoded images go in "
+                                      f"{IMAGE_INPUT!r} (or {meta.input.name!r})")
+    if len(given.shape) != 1 or given.shape[0] < 1:
+        raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape}; encoded "
+                                      "images take shape [N], N >= 1")
+    images = _length_prefixed(raw) if raw is not None else [_base64(item) for item in given.data]
+    if len(images) != given.shape[0]:
+        raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape} but holds "
+                                      f"{len(images)} images")
+    if any(not image for image in images):
+        raise InvalidInferenceRequest(f"input {given.name!r} holds an empty element: each element "
+                                      "must be one encoded image file")
+    return images
+
+
+def _length_prefixed(raw: bytes) -> list[bytes]:
+    """BYTES elements as the binary extension lays them out: 4-byte LE length, then the bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + LENGTH_PREFIX.size > len(raw):
+            raise InvalidInferenceRequest("BYTES data ends inside an element's 4-byte length")
+        (length,) = LENGTH_PREFIX.unpack_from(raw, offset)
+        offset += LENGTH_PREFIX.size
+        if offset + length > len(raw):
+            raise InvalidInferenceRequest(f"a BYTES element says {length} bytes but only "
+                                          f"{len(raw) - offset} remain")
+        elements.append(raw[offset:offset + length])
+        offset += length
+    return elements
+
+
+def _base64(item: Any) -> bytes:
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise InvalidInferenceRequest("BYTES data in JSON must be base64 strings of the image "
+                                      "files") from None
+
+
+def encode_output(wanted: WantedOutput, scores: np.ndarray, meta: ModelMetadata,
+                  labels: tuple[str, ...]) -> tuple[ResponseOutput, bytes | None]:
+    """One output in JSON or binary form: the raw tensor, or its top-k classification strings."""
+    if wanted.classification:
+        rows = [[f"{p}:{i}:{labels[i]}".encode()
+                 for i, p in best_classes(row, meta.output.kind, wanted.classification)]
+                for row in scores]
+        shape, datatype = [len(rows), wanted.classification], "BYTES"
+        elements = [s for row in rows for s in row]
+        raw = b"".join(LENGTH_PREFIX.pack(len(s)) + s for s in elements) if wanted.binary else b""
+        data = [s.decode() for s in elements]
+    else:
+        shape, datatype = list(scores.shape), DATATYPES[meta.output.dtype]
+        raw = np.ascontiguousarray(scores, dtype="<f4").tobytes() if wanted.binary else b""
+        data = scores.ravel().tolist()
+    if wanted.binary:
+        return ResponseOutput(name=wanted.name, shape=shape, datatype=datatype,
+                              parameters={"binary_data_size": len(raw)}), raw
+    return ResponseOutput(name=wanted.name, shape=shape, datatype=datatype, data=data), None

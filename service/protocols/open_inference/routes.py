@@ -1,0 +1,118 @@
+"""The Open Inference Protocol (KServe V2) over REST, so tritonclient, KServe and OVMS clients work.
+
+Extensions: `binary_tensor_data` (a JSON header of `Inference-Header-Content-Length` bytes, then
+each binary input's bytes in order; outputs in binary when asked) and `classification` (output
+parameter `classification: k` gives BYTES [N, k] of "score:class_id:label", most probable first;
+the score is the probability /predict reports, where Triton puts the raw output value).
+Not supported: raw binary requests (`Inference-Header-Content-Length: 0`), compressed bodies.
+"""
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request, Response
+
+from service.auth import INFERENCE_DEPENDENCIES
+from service.engine import ServedModel
+from service.errors import ErrorBody, UnknownModelVersion, json_error
+from service.lifecycle import Inputs, Result
+from service.status import is_ready
+from service.protocols.open_inference.codec import (DATATYPES, HEADER_LENGTH, IMAGE_INPUT,
+                                                     DecodedRequest, decode_request, encode_output,
+                                                     wire_shape)
+from service.protocols.open_inference.wire import (InferenceRequest, InferenceResponse, ModelReady,
+                                                    ModelMetadataResponse, ServerLive,
+                                                    ServerMetadata, ServerReady, TensorMetadata,
+                                                    inlined_schema)
+
+VERSION = "1"  # a repository folder holds one version of its model
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
+INFER_BODY = {"requestBody": {"required": True, "description": (
+    "An InferenceRequest as JSON; with binary tensor data, that JSON (its length in the "
+    f"{HEADER_LENGTH} header) followed by each binary input's bytes. Content-Type is not needed."),
+    "content": {"application/json": {"schema": inlined_schema(InferenceRequest)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@dataclass(frozen=True)
+class OpenInferenceAdapter:
+    parses_body = True
+
+    async def read(self, request: Request) -> tuple[bytes, str | None]:
+        return await request.body(), request.headers.get(HEADER_LENGTH)
+
+    def decode(self, payload: tuple[bytes, str | None], model: ServedModel) -> Inputs:
+        decoded = decode_request(*payload, model.metadata)
+        return Inputs(images=decoded.images, tensor=decoded.tensor, options=decoded)
+
+    def encode(self, result: Result) -> Response:
+        decoded: DecodedRequest = result.options
+        model = result.model
+        outputs, binaries = zip(*(encode_output(w, result.outputs, model.metadata, model.labels)
+                                  for w in decoded.wanted))
+        header = InferenceResponse(model_name=model.name, model_version=VERSION, id=decoded.body.id,
+                                   outputs=list(outputs)).model_dump_json(exclude_none=True).encode()
+        if not any(b is not None for b in binaries):
+            return Response(header, media_type="application/json")
+        return Response(header + b"".join(b for b in binaries if b is not None),
+                        media_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(len(header))})
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+inference_router = APIRouter(prefix="/v2", tags=["open inference protocol"],
+                             dependencies=INFERENCE_DEPENDENCIES)
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(name=request.app.title, version=request.app.version, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", response_model=ServerLive)
+async def server_live() -> ServerLive:
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
+async def server_ready(request: Request) -> Response:
+    ready = is_ready(request)
+    return json_error(200 if ready else 503, ServerReady(ready=ready).model_dump())
+
+
+@router.get("/models/{model}/ready", response_model=ModelReady, responses=ERRORS)
+@router.get("/models/{model}/versions/{version}/ready", response_model=ModelReady, responses=ERRORS)
+async def model_ready(model: str, request: Request, version: str | None = None) -> ModelReady:
+    _served(request, model, version)  # 404 unknown, 503 loading or failed
+    return ModelReady(name=model, ready=True)
+
+
+@router.get("/models/{model}", response_model=ModelMetadataResponse, responses=ERRORS)
+@router.get("/models/{model}/versions/{version}", response_model=ModelMetadataResponse,
+            responses=ERRORS)
+async def model_metadata(model: str, request: Request, version: str | None = None
+                         ) -> ModelMetadataResponse:
+    meta = _served(request, model, version).metadata
+    return ModelMetadataResponse(
+        name=model, versions=[VERSION], platform=PLATFORM,
+        inputs=[TensorMetadata(name=meta.input.name, datatype=DATATYPES[meta.input.dtype],
+                               shape=wire_shape(meta.input.shape)),
+                TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])],
+        outputs=[TensorMetadata(name=meta.output.name, datatype=DATATYPES[meta.output.dtype],
+                                shape=wire_shape(meta.output.shape))])
+
+
+@inference_router.post("/models/{model}/infer", openapi_extra=INFER_BODY,
+                       responses={200: {"model": InferenceResponse}, **ERRORS})
+@inference_router.post("/models/{model}/versions/{version}/infer", openapi_extra=INFER_BODY,
+                       responses={200: {"model": InferenceResponse}, **ERRORS})
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
+    _served(request, model, version)
+    return await request.app.state.lifecycle.handle(request, model, OpenInferenceAdapter())
+
+
+def _served(request: Request, model: str, version: str | None) -> ServedModel:
+    served = request.app.state.engine.model(model)
+    if version is not None and version != VERSION:
+        raise UnknownModelVersion(model, version, [VERSION])
+    return served

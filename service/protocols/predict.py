@@ -1,0 +1,120 @@
+"""`POST /predict/{model}`: one image in (multipart field `file`, or the raw body), top-k classes out."""
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from contract import RANDOM_WEIGHTS_NOTE, ModelMetadata, WeightsKind
+from service.auth import INFERENCE_DEPENDENCIES
+from service.engine import ServedModel
+from service.errors import (ErrorBody, MissingFileField, TooManyFiles, TopKOutOfRange,
+                            UnsupportedMediaType)
+from service.lifecycle import Inputs, Result
+from service.postprocess import top_k as best_classes
+
+RAW_IMAGE_TYPES = ("", "application/octet-stream")
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+
+
+class Prediction(BaseModel):
+    label: str
+    class_id: int
+    probability: float
+
+
+class WeightsInfo(BaseModel):
+    kind: WeightsKind
+    source: str | None = None
+    note: str | None = Field(None, description="Says plainly when predictions are meaningless.")
+
+
+class ImageInfo(BaseModel):
+    width: int = Field(description="Width of the upright image as uploaded (after EXIF rotation).")
+    height: int
+    format: str = Field(description="Format Pillow detected, e.g. JPEG, PNG.")
+
+
+class Timings(BaseModel):
+    """Milliseconds per stage of this request; `total` runs from the route's start to its end."""
+
+    decode: float
+    preprocess: float
+    queue: float = Field(description="Wait for a free inference worker.")
+    inference: float
+    total: float
+
+
+class PredictResponse(BaseModel):
+    model: str
+    weights: WeightsInfo
+    predictions: list[Prediction]
+    image: ImageInfo
+    timings_ms: Timings
+
+
+def weights_info(meta: ModelMetadata) -> WeightsInfo:
+    weights = meta.weights
+    note = weights.note or (RANDOM_WEIGHTS_NOTE if weights.kind == "random" else None)
+    return WeightsInfo(kind=weights.kind, source=weights.source, note=note)
+
+
+@dataclass(frozen=True)
+class PredictAdapter:
+    top_k: int | None
+    default_top_k: int
+    parses_body = False
+
+    async def read(self, request: Request) -> bytes:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type == "multipart/form-data":
+            async with request.form() as form:
+                uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
+                if not uploads:
+                    raise MissingFileField(list(form.keys()))
+                if len(uploads) > 1:
+                    raise TooManyFiles(len(uploads))
+                return await uploads[0].read()
+        if media_type in RAW_IMAGE_TYPES or media_type.startswith("image/"):
+            return await request.body()
+        raise UnsupportedMediaType(content_type)
+
+    def decode(self, payload: bytes, model: ServedModel) -> Inputs:
+        classes = model.metadata.labels.count
+        if self.top_k is not None and not 1 <= self.top_k <= classes:
+            raise TopKOutOfRange(self.top_k, classes)
+        return Inputs(images=[payload], options=self.top_k or min(self.default_top_k, classes))
+
+    def encode(self, result: Result) -> Response:
+        model, image = result.model, result.images[0]
+        predictions = [Prediction(label=model.labels[i], class_id=i, probability=p) for i, p in
+                       best_classes(result.outputs[0], model.metadata.output.kind, result.options)]
+        body = PredictResponse(model=model.name, weights=weights_info(model.metadata), predictions=predictions,
+                               image=ImageInfo(width=image.width, height=image.height,
+                                               format=image.format),
+                               timings_ms=Timings(**result.timings))
+        # Serialised here, once, by pydantic's own encoder; response_model still documents it.
+        return Response(body.model_dump_json(), media_type="application/json")
+
+
+router = APIRouter(tags=["predict"], dependencies=INFERENCE_DEPENDENCIES)
+
+
+async def predict(model: str, request: Request,
+                  top_k: int | None = Query(None, description="How many classes to return "
+                                            "(1 .. the model's class count); default TOP_K.")
+                  ) -> Response:
+    adapter = PredictAdapter(top_k, request.app.state.settings.top_k)
+    return await request.app.state.lifecycle.handle(request, model, adapter)
+
+
+for method, upload in (("POST", "multipart field file, or raw body"), ("PUT", "raw body, as curl -T sends it")):
+    router.add_api_route("/predict/{model}", predict, methods=[method], response_model=PredictResponse,
+                         name=f"predict_{method.lower()}", openapi_extra=UPLOAD_BODY, responses=ERRORS,
+                         summary=f"Classify an image ({upload})")

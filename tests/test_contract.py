@@ -1,0 +1,75 @@
+"""The model repository contract on tiny hand-made folders: no torch, no real ONNX graph."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from contract import (ModelFolder, ModelLoadError, ModelMetadata, discover, read_metadata, verify,
+                      write_metadata)
+
+MODEL_BYTES = b"stands in for an ONNX graph"
+LABELS = ["cat", "dog"]
+
+
+def metadata_for(name: str, model_bytes: bytes = MODEL_BYTES) -> ModelMetadata:
+    return ModelMetadata.model_validate({
+        "schema_version": 1, "name": name, "architecture": "Tiny", "model_file": "model.onnx",
+        "onnx": {"opset": 18, "size_bytes": len(model_bytes), "sha256": hashlib.sha256(model_bytes).hexdigest()},
+        "input": {"name": "input", "dtype": "float32", "layout": "NCHW", "shape": [None, 3, 8, 8]},
+        "output": {"name": "logits", "dtype": "float32", "shape": [None, len(LABELS)], "kind": "logits"},
+        "preprocessing": {"resize": 8, "crop": 8, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        "labels": {"file": "labels.txt", "set": "pets", "count": len(LABELS)},
+        "weights": {"kind": "random", "note": "Random weights: predictions are meaningless."},
+        "export": {"parity": {"max_abs_diff": 2.1e-06, "top5_equal": True}},
+    })
+
+
+def model_folder(repository: Path, name: str, metadata: ModelMetadata | None = None) -> Path:
+    folder = repository / name
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(MODEL_BYTES)
+    (folder / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    write_metadata(folder, metadata or metadata_for(name))
+    return folder
+
+
+def test_metadata_written_by_the_exporter_reads_back_equal(tmp_path):
+    folder = model_folder(tmp_path, "tiny")
+    assert read_metadata(folder) == metadata_for("tiny")
+    written = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    assert written["optimized_model_file"] is None and written["weights"]["sha256"] is None
+
+
+def test_a_folder_whose_files_match_its_metadata_verifies_and_gives_its_labels(tmp_path):
+    model_folder(tmp_path, "tiny")
+    [folder] = discover(tmp_path)
+    assert verify(folder) == LABELS
+
+
+@pytest.mark.parametrize("recorded, cause", [(MODEL_BYTES + b"!", "bytes"), (MODEL_BYTES.upper(), "sha256")],
+                         ids=["size", "sha256"])
+def test_a_model_file_that_differs_from_its_metadata_fails_naming_the_file(tmp_path, recorded, cause):
+    """The metadata describes other bytes: first a longer file (size), then same-length bytes (hash)."""
+    path = model_folder(tmp_path, "tiny", metadata_for("tiny", recorded))
+    folder = ModelFolder("tiny", path, read_metadata(path))
+    with pytest.raises(ModelLoadError, match=rf"model\.onnx.*{cause}"):
+        verify(folder)
+
+
+def test_a_folder_with_bad_metadata_is_reported_beside_the_good_ones(tmp_path):
+    model_folder(tmp_path, "good")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metadata.json").write_text('{"schema_version": 1, "name": "broken"}', encoding="utf-8")
+    good, bad = sorted(discover(tmp_path), key=lambda f: f.name != "good")
+    assert good.metadata is not None and good.error is None
+    assert bad.metadata is None and "model_file" in bad.error
+    with pytest.raises(ModelLoadError, match="model_file"):
+        verify(bad)
+
+
+def test_a_folder_named_differently_from_its_model_fails(tmp_path):
+    model_folder(tmp_path, "renamed", metadata_for("tiny"))
+    [folder] = discover(tmp_path)
+    assert folder.metadata is None and "'tiny'" in folder.error and "'renamed'" in folder.error

@@ -1,0 +1,84 @@
+"""The Open Inference Protocol's codec on its own: a request's bytes to arrays and back, and a clear
+`invalid_inference_request` for every way a body can be wrong."""
+import base64
+import struct
+
+import numpy as np
+import pytest
+
+from contract import ModelMetadata
+from service.errors import InvalidInferenceRequest
+from service.protocols.open_inference.codec import WantedOutput, decode_request, encode_output
+
+META = ModelMetadata.model_validate({
+    "schema_version": 1, "name": "tiny", "architecture": "test", "model_file": "model.onnx",
+    "onnx": {"opset": 18, "size_bytes": 1, "sha256": "0" * 64},
+    "input": {"name": "input", "dtype": "float32", "layout": "NCHW", "shape": [None, 3, 2, 2]},
+    "output": {"name": "logits", "dtype": "float32", "shape": [None, 3], "kind": "logits"},
+    "preprocessing": {"resize": 2, "crop": 2, "mean": [0, 0, 0], "std": [1, 1, 1]},
+    "labels": {"file": "labels.txt", "set": "test", "count": 3},
+    "weights": {"kind": "random"}})
+LABELS = ("cat", "dog", "ship")
+
+
+def binary_request(header: bytes, data: bytes) -> tuple[bytes, str]:
+    return header + data, str(len(header))
+
+
+def test_fp32_rows_come_in_as_json_or_binary_and_decode_to_the_same_array():
+    rows = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    as_json = b'{"inputs": [{"name": "input", "shape": [2, 3, 2, 2], "datatype": "FP32", "data": %s}]}' \
+        % str(rows.ravel().tolist()).encode()
+    header = b'{"inputs": [{"name": "input", "shape": [2, 3, 2, 2], "datatype": "FP32", ' \
+             b'"parameters": {"binary_data_size": 96}}]}'
+    for body, length in ((as_json, None), binary_request(header, rows.tobytes())):
+        decoded = decode_request(body, length, META)
+        np.testing.assert_array_equal(decoded.tensor, rows)
+        assert decoded.images is None
+
+
+def test_bytes_elements_come_in_length_prefixed_or_base64():
+    files = [b"\x89PNG first", b"GIF89a second"]
+    data = b"".join(struct.pack("<I", len(f)) + f for f in files)
+    header = b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", ' \
+             b'"parameters": {"binary_data_size": %d}}]}' % len(data)
+    as_json = b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["%s", "%s"]}]}' \
+        % tuple(base64.b64encode(f) for f in files)
+    for body, length in (binary_request(header, data), (as_json, None)):
+        assert decode_request(body, length, META).images == files
+
+
+@pytest.mark.parametrize("body, length, named", [
+    (b"not json", None, "body"),
+    (b'{"inputs": []}', None, "exactly one input"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 3, 2, 2], "datatype": "FP32", "data": [1]}]}', None,
+     "needs 12 numbers"),
+    (b'{"inputs": [{"name": "input", "shape": [1, 3, 5, 5], "datatype": "FP32", "data": [1]}]}', None,
+     "shape [1, 3, 5, 5]"),
+    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}', None, "base64"),
+    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [""]}]}', None,
+     "empty element"),
+    (b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["QQ=="]}]}', None,
+     "holds 1 images"),
+    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", '
+     b'"parameters": {"binary_data_size": 6}}]}\x09\x00\x00\x00ab', "105", "says 9 bytes"),
+    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["QQ=="]}], '
+     b'"outputs": [{"name": "logits", "parameters": {"classification": 4}}]}', None, "from 1 to 3"),
+    (b'{"inputs": []}', "0", "raw binary requests"),
+    (b'{"inputs": []}', "x", "not a number"),
+])
+def test_a_malformed_request_is_refused_naming_what_is_wrong(body, length, named):
+    with pytest.raises(InvalidInferenceRequest, match=named.replace("[", r"\[").replace("]", r"\]")):
+        decode_request(body, length, META)
+
+
+def test_outputs_go_back_as_json_binary_or_classification_strings():
+    scores = np.array([[0.0, 2.0, 1.0]], np.float32)
+    as_json, raw = encode_output(WantedOutput("logits", False, None), scores, META, LABELS)
+    assert raw is None and as_json.data == [0.0, 2.0, 1.0] and as_json.shape == [1, 3]
+    as_binary, raw = encode_output(WantedOutput("logits", True, None), scores, META, LABELS)
+    assert np.frombuffer(raw, "<f4").tolist() == [0.0, 2.0, 1.0]
+    assert as_binary.parameters == {"binary_data_size": 12}
+    classified, _ = encode_output(WantedOutput("logits", False, 2), scores, META, LABELS)
+    assert [s.split(":")[1:] for s in classified.data] == [["1", "dog"], ["2", "ship"]]
+    assert classified.datatype == "BYTES" and classified.shape == [1, 2]
