@@ -14,12 +14,19 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
+# Everything: running, exporting, testing and benchmarking.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_EXTRA) -e '.[export,dev]'
+	touch $@ $(VENV)/.runnable
+
+# What `make run` needs and no more: the service and the exporter, not the test tools.
+$(VENV)/.runnable: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_EXTRA) -e '.[export]'
 	touch $@
 
-export: setup
+export: $(VENV)/.runnable
 	$(BIN)/python -m model_defs.export --out $(REPO)
 
 run: export
@@ -29,7 +36,7 @@ test: setup
 	$(BIN)/pytest
 
 # Service vs the plain FastAPI baseline and bare onnxruntime, every model, 1 and 16 clients.
-bench: export
+bench: setup export
 	$(BIN)/python -m bench --image tests/data/coffee.jpg --model-repository $(REPO) --baseline
 
 docker:

@@ -16,6 +16,8 @@ WeightsKind = Literal["random", "imagenet", "custom"]
 class Preprocessing(BaseModel):
     """How an image becomes the input tensor: torchvision's Resize, CenterCrop, ToTensor, Normalize."""
 
+    model_config = ConfigDict(frozen=True)  # declared once per model, shared by reference
+
     resize: PositiveInt = Field(description="Length of the shorter side after resizing, in pixels.")
     interpolation: Literal["nearest", "bilinear", "bicubic"] = Field(
         "bilinear", description="Resampling filter of the resize (PIL's filter of that name).")
@@ -34,6 +36,8 @@ class Preprocessing(BaseModel):
 
 
 class Paper(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     title: str = Field(description="Title of the paper that introduced the architecture.")
     authors: str | None = Field(None, description="Authors, e.g. 'Howard et al.'.")
     year: int | None = Field(None, description="Year of publication.")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
+from contract import Paper, Preprocessing
+
 from model_defs.effnet import EffNet
 from model_defs.mobilenet import MobileNetV1, MobileNetV2, MobileNetV3
 from model_defs.shufflenet import ShuffleNetV1, ShuffleNetV2
@@ -17,23 +19,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CHECKPOINT_BASE = "https://download.pytorch.org/models/"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    resize: int  # shorter side, before the centre crop
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-
-
-@dataclass(frozen=True)
-class Paper:
-    title: str
-    authors: str
-    year: int
-    url: str
 
 
 @dataclass(frozen=True)
@@ -66,14 +51,14 @@ class ModelSpec:
         return self.preprocessing.crop
 
 
-MOBILENET_V3_PAPER = Paper("Searching for MobileNetV3", "Howard et al.", 2019, "https://arxiv.org/abs/1905.02244")
+MOBILENET_V3_PAPER = Paper(title="Searching for MobileNetV3", authors="Howard et al.", year=2019, url="https://arxiv.org/abs/1905.02244")
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec(
         name="mobilenetv1",
         architecture="MobileNetV1 1.0-224",
-        paper=Paper("MobileNets: Efficient Convolutional Neural Networks for Mobile Vision Applications",
-                    "Howard et al.", 2017, "https://arxiv.org/abs/1704.04861"),
+        paper=Paper(title="MobileNets: Efficient Convolutional Neural Networks for Mobile Vision Applications",
+                    authors="Howard et al.", year=2017, url="https://arxiv.org/abs/1704.04861"),
         builder=MobileNetV1,
         preprocessing=IMAGENET_PREPROCESSING,
         labels=IMAGENET_1K,
@@ -81,8 +66,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec(
         name="mobilenetv2",
         architecture="MobileNetV2 1.0",
-        paper=Paper("MobileNetV2: Inverted Residuals and Linear Bottlenecks", "Sandler et al.", 2018,
-                    "https://arxiv.org/abs/1801.04381"),
+        paper=Paper(title="MobileNetV2: Inverted Residuals and Linear Bottlenecks", authors="Sandler et al.", year=2018,
+                    url="https://arxiv.org/abs/1801.04381"),
         builder=MobileNetV2,
         preprocessing=IMAGENET_PREPROCESSING,
         labels=IMAGENET_1K,
@@ -109,8 +94,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec(
         name="shufflenetv1",
         architecture="ShuffleNet 1x (g=8)",
-        paper=Paper("ShuffleNet: An Extremely Efficient Convolutional Neural Network for Mobile Devices",
-                    "Zhang et al.", 2017, "https://arxiv.org/abs/1707.01083"),
+        paper=Paper(title="ShuffleNet: An Extremely Efficient Convolutional Neural Network for Mobile Devices",
+                    authors="Zhang et al.", year=2017, url="https://arxiv.org/abs/1707.01083"),
         builder=partial(ShuffleNetV1, groups=8),
         preprocessing=IMAGENET_PREPROCESSING,
         labels=IMAGENET_1K,
@@ -118,8 +103,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec(
         name="shufflenetv2",
         architecture="ShuffleNetV2 1.0x",
-        paper=Paper("ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design", "Ma et al.",
-                    2018, "https://arxiv.org/abs/1807.11164"),
+        paper=Paper(title="ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design", authors="Ma et al.",
+                    year=2018, url="https://arxiv.org/abs/1807.11164"),
         builder=partial(ShuffleNetV2, 1.0),
         preprocessing=IMAGENET_PREPROCESSING,
         labels=IMAGENET_1K,
@@ -128,8 +113,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec(
         name="effnet",
         architecture="EffNet (CIFAR-10)",
-        paper=Paper("EffNet: An Efficient Structure for Convolutional Neural Networks", "Freeman et al.", 2018,
-                    "https://arxiv.org/abs/1801.06434"),
+        paper=Paper(title="EffNet: An Efficient Structure for Convolutional Neural Networks", authors="Freeman et al.", year=2018,
+                    url="https://arxiv.org/abs/1801.06434"),
         builder=EffNet,
         preprocessing=Preprocessing(resize=32, crop=32, mean=CIFAR10_MEAN, std=CIFAR10_STD),
         labels=CIFAR_10,

@@ -1,7 +1,7 @@
 """Write one model folder of the model repository (docs/model-repository.md, version 1)."""
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from contract import (LABELS_FILE, MODEL_FILE, SCHEMA_VERSION, InputSpec, Labels, ModelMetadata, OnnxFile,
-                      OutputSpec, Paper, Preprocessing, Weights, sha256_of, write_metadata)
+                      OutputSpec, Weights, sha256_of, write_metadata)
 from model_defs.macs import count_macs, count_params
 from model_defs.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, check_parity, export_onnx
 from model_defs.registry import ModelSpec
@@ -29,15 +29,14 @@ def build_metadata(spec: ModelSpec, model: nn.Module, weights: Weights, onnx_pat
         schema_version=SCHEMA_VERSION,
         name=spec.name,
         architecture=spec.architecture,
-        paper=Paper(**asdict(spec.paper)),
+        paper=spec.paper,
         model_file=MODEL_FILE,
         optimized_model_file=None,
         onnx=OnnxFile(opset=OPSET, size_bytes=onnx_path.stat().st_size, sha256=sha256_of(onnx_path)),
         input=InputSpec(name=INPUT_NAME, dtype="float32", layout="NCHW",
                         shape=[None, 3, spec.input_size, spec.input_size]),
         output=OutputSpec(name=OUTPUT_NAME, dtype="float32", shape=[None, len(labels)], kind="logits"),
-        # color and scale keep the contract's defaults: RGB, 255.0.
-        preprocessing=Preprocessing(**asdict(spec.preprocessing)),
+        preprocessing=spec.preprocessing,
         labels=Labels(file=LABELS_FILE, set=spec.labels.name, count=len(labels)),
         params=count_params(model),
         macs=count_macs(model, spec.input_size),

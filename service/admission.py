@@ -1,9 +1,11 @@
-"""Admission control: a bounded number of predictions per model, each with a time limit.
+"""Admission control: a bounded number of predictions per model, and a deadline for each request.
 
 Past `max_in_flight` requests for one model, the next is refused at once (503 with Retry-After)
 instead of joining an ever longer queue, so the requests that are admitted keep a bounded latency.
-An admitted request that runs past `timeout_seconds` is abandoned with a 504. Both are counted in
-/metrics. Only predictions pass through here: health, metrics and metadata are never shed.
+A request is admitted only once its body has arrived, so a slow upload holds no slot. A request
+still running at its deadline is abandoned with a 504: whatever of it has not started (decoding,
+a place in the batch queue) never runs. Both are counted in /metrics. Only predictions pass
+through here: health, metrics and metadata are never shed.
 """
 import asyncio
 from collections import Counter as Tally
@@ -34,13 +36,8 @@ class Admission:
         return self._in_flight[model]
 
     @asynccontextmanager
-    async def admit(self, model: str) -> AsyncIterator[None]:
-        """Hold one of the model's slots for the body; Overloaded or RequestTimedOut otherwise."""
-        if self._in_flight[model] >= self.max_in_flight:
-            self.shed.labels(model=model).inc()
-            raise Overloaded(model, self.max_in_flight, self.retry_after_seconds)
-        self._in_flight[model] += 1
-        self.admitted.labels(model=model).inc()
+    async def deadline(self, model: str) -> AsyncIterator[None]:
+        """Cancel the body at the request's deadline, as RequestTimedOut."""
         try:
             async with asyncio.timeout(self.timeout_seconds) as deadline:
                 yield
@@ -49,6 +46,17 @@ class Admission:
                 raise
             self.timed_out.labels(model=model).inc()
             raise RequestTimedOut(model, self.timeout_seconds) from None
+
+    @asynccontextmanager
+    async def admit(self, model: str) -> AsyncIterator[None]:
+        """Hold one of the model's slots for the body; Overloaded when none is free."""
+        if self._in_flight[model] >= self.max_in_flight:
+            self.shed.labels(model=model).inc()
+            raise Overloaded(model, self.max_in_flight, self.retry_after_seconds)
+        self._in_flight[model] += 1
+        self.admitted.labels(model=model).inc()
+        try:
+            yield
         finally:
             self._in_flight[model] -= 1
             self.admitted.labels(model=model).dec()

@@ -56,6 +56,10 @@ class _Ran:
     outputs: np.ndarray
 
 
+class _Abandoned(Exception):
+    """Every caller of a batch went away (deadline, disconnect) while it was being prepared."""
+
+
 class Activity:
     """Inferences running now across every model, so a batcher knows whether it runs alone.
 
@@ -155,6 +159,9 @@ class Batcher:
         """On an inference worker: make the batch, run it."""
         picked = time.perf_counter()
         batches = [r.job() if r.rows is None else r.job for r in requests]
+        # Read across threads: at worst a caller that left a moment ago still gets its run.
+        if all(r.answer.done() for r in requests):
+            raise _Abandoned()
         batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
         started = time.perf_counter()
         outputs = self._run_batch(batch, alone)

@@ -144,9 +144,42 @@ class TooManyImages(ServiceError):
                          "(MAX_IMAGES_PER_REQUEST)", limit=limit)
 
 
+class TooManyPixels(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the images of this request hold more than {limit} pixels in all "
+                         "(MAX_REQUEST_PIXELS); send fewer or smaller images", limit_pixels=limit)
+
+
+class BodyTimedOut(ServiceError):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the request body did not arrive within {timeout:g} s (BODY_TIMEOUT_SECONDS)",
+                         timeout_seconds=timeout)
+
+
+class ClientClosedRequest(ServiceError):
+    """The client went away before its answer; nobody reads this one, but it is counted and logged."""
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the request was answered")
+
+
 class InferenceFailed(ServiceError):
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(f"inference failed for model {model!r}: {reason}")
+
+
+class UnsupportedImageFormat(ServiceError):
+    def __init__(self, image_format: str) -> None:
+        super().__init__(f"unsupported image format: the file looks like {image_format}; accepted: "
+                         f"{', '.join(ACCEPTED_FORMATS)}", format=image_format,
+                         accepted_formats=ACCEPTED_FORMATS)
+
+
+class ImageTooComplex(ServiceError):
+    """An image small in bytes and pixels whose structure would make decoding cost far more."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"image too complex to decode: {reason}")
 
 
 # Each error's HTTP status and its stable, machine-readable `code`: clients branch on the code,
@@ -165,10 +198,15 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     BodyTooLarge: (413, "body_too_large"),
     ImageTooLarge: (413, "image_too_large"),
     TooManyImages: (413, "too_many_images"),
+    TooManyPixels: (413, "too_many_pixels"),
+    BodyTimedOut: (408, "body_timeout"),
+    ClientClosedRequest: (499, "client_closed_request"),  # nginx's status for it
     Unauthorized: (401, "unauthorized"),
     Overloaded: (503, "overloaded"),
     RequestTimedOut: (504, "timeout"),
     InferenceFailed: (500, "inference_failed"),
+    UnsupportedImageFormat: (415, "unsupported_image_format"),
+    ImageTooComplex: (422, "image_too_complex"),
 }
 
 

@@ -1,13 +1,15 @@
 """A prediction's life, one fixed sequence for every protocol:
 
-    look the model up → admit (in-flight limit, deadline) → read the body (bounded)
-    → decode the wire format → decode and preprocess the images → batch and infer
-    → encode the answer (postprocessing, e.g. top-k, is the protocol's)
+    look the model up → start the deadline → read the body (bounded in bytes and time)
+    → admit (in-flight limit) → decode the wire format → decode and preprocess the images
+    → batch and infer → encode the answer (postprocessing, e.g. top-k, is the protocol's)
 
 A protocol is an `Adapter` (`service/protocols/`): it reads its wire format into `Inputs` and writes
 a `Result` back in its wire format, and nothing else. Every bound is enforced here, once, for all
-protocols: body bytes (the limit middleware counts what `read` receives), images per request,
-pixels per image, in-flight requests per model and the request's deadline.
+protocols: body bytes (the limit middleware counts what `read` receives) and the time the body may
+take, images per request, pixels per image and per request, in-flight requests per model and the
+request's deadline. Past the deadline, or once the client has gone, none of the request's remaining
+work runs: images not yet decoded are not decoded, and its place in the batch queue is dropped.
 
 Where the model is idle, a lone image is decoded, preprocessed and inferred on one inference
 worker (one hand-off from the event loop); otherwise each image is decoded in the preprocessing
@@ -15,18 +17,22 @@ pool, in parallel, and the batch queues for the model's inference workers.
 """
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 from fastapi import Request, Response
+from starlette.requests import ClientDisconnect
 
+from contract import Preprocessing
 from service import preprocess
 from service.admission import Admission
 from service.batching import Inference
 from service.engine import Engine, ServedModel
-from service.errors import TooManyImages
+from service.errors import BodyTimedOut, ClientClosedRequest, TooManyImages, TooManyPixels
 from service.metrics import server_timing
 from service.preprocess import PreparedImage
 from service.settings import Settings
@@ -77,15 +83,16 @@ class Lifecycle:
     async def handle(self, request: Request, model_name: str, adapter: Adapter) -> Response:
         started = time.perf_counter()
         model = self.engine.model(model_name)  # UnknownModel 404, ModelUnavailable 503
-        async with self.admission.admit(model.name):  # Overloaded 503; RequestTimedOut 504
-            payload = await adapter.read(request)
-            if adapter.parses_body:
-                inputs = await self._in_pool(adapter.decode, payload, model)
-            else:
-                inputs = adapter.decode(payload, model)
-            if inputs.count > self.settings.max_images_per_request:
-                raise TooManyImages(inputs.count, self.settings.max_images_per_request)
-            images, inference = await self._infer(model, inputs)
+        async with self.admission.deadline(model.name):  # RequestTimedOut 504
+            payload = await self._read(request, adapter)  # BodyTimedOut 408, client gone 499
+            async with self.admission.admit(model.name), _cancelled_when_client_leaves(request):
+                if adapter.parses_body:
+                    inputs = await self._in_pool(adapter.decode, payload, model)
+                else:
+                    inputs = adapter.decode(payload, model)
+                if inputs.count > self.settings.max_images_per_request:
+                    raise TooManyImages(inputs.count, self.settings.max_images_per_request)
+                images, inference = await self._infer(model, inputs)
         timings = {"decode": sum(i.decode_ms for i in images),
                    "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
@@ -95,10 +102,22 @@ class Lifecycle:
         response.headers["Server-Timing"] = server_timing(timings)
         return response
 
+    async def _read(self, request: Request, adapter: Adapter) -> Any:
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_seconds) as body_deadline:
+                return await adapter.read(request)
+        except TimeoutError:
+            if not body_deadline.expired():  # the request's own, shorter deadline
+                raise
+            raise BodyTimedOut(self.settings.body_timeout_seconds) from None
+        except ClientDisconnect:
+            raise ClientClosedRequest() from None
+
     async def _infer(self, model: ServedModel, inputs: Inputs) -> tuple[list[PreparedImage], Inference]:
         if inputs.images is None:
             return [], await self.engine.infer(model, inputs.tensor)
-        spec, max_pixels = model.metadata.preprocessing, self.settings.max_image_pixels
+        spec = model.metadata.preprocessing
+        max_pixels = min(self.settings.max_image_pixels, self.settings.max_request_pixels)
         if len(inputs.images) == 1 and self.engine.idle(model):
             prepared: list[PreparedImage] = []
 
@@ -107,13 +126,57 @@ class Lifecycle:
                 return prepared[0].tensor
 
             return prepared, await self.engine.infer(model, prepare)
-        prepared = await asyncio.gather(*(self._in_pool(preprocess.prepare, data, spec, max_pixels)
-                                          for data in inputs.images))
+        prepared = await self._prepare_all(inputs.images, spec, max_pixels)
         batch = np.concatenate([p.tensor for p in prepared])
-        return list(prepared), await self.engine.infer(model, batch)
+        return prepared, await self.engine.infer(model, batch)
+
+    async def _prepare_all(self, images: list[bytes], spec: Preprocessing, max_pixels: int
+                           ) -> list[PreparedImage]:
+        """Each image decoded in the pool, in parallel; past the request's pixel budget the rest
+        are cancelled before they start."""
+        spent = 0
+
+        async def prepare(data: bytes) -> PreparedImage:
+            nonlocal spent
+            image = await self._in_pool(preprocess.prepare, data, spec, max_pixels)
+            spent += image.width * image.height
+            if spent > self.settings.max_request_pixels:
+                raise TooManyPixels(self.settings.max_request_pixels)
+            return image
+
+        tasks = [asyncio.ensure_future(prepare(data)) for data in images]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def _in_pool(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@asynccontextmanager
+async def _cancelled_when_client_leaves(request: Request) -> AsyncIterator[None]:
+    """Once the body is read, the only message left is the disconnect: when the client goes, stop
+    this request's work (what has not started never runs) and answer it as 499."""
+    task = asyncio.current_task()
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        if (await request.receive())["type"] == "http.disconnect":
+            gone.set()
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise
+        task.uncancel()
+        raise ClientClosedRequest() from None
+    finally:
+        watcher.cancel()

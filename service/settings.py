@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_body_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest request body accepted.")
     max_images_per_request: PositiveInt = Field(
         16, description="Most images (or tensor rows) one request may carry; 413 above.")
+    max_request_pixels: PositiveInt = Field(
+        100_000_000, description="Most pixels all the images of one request may hold together; 413 "
+                                 "above, and the images not yet decoded are not decoded.")
     max_image_pixels: PositiveInt = Field(40_000_000, description="Largest decoded image (width x height).")
     stats_window: PositiveInt = Field(10_000, description="Recent requests per model kept for percentiles.")
 
@@ -67,6 +70,9 @@ class Settings(BaseSettings):
         32, description="Predictions of one model admitted at once (reading, preprocessing, queued or "
                         "running); past it a request is refused at once with 503 and Retry-After.")
     retry_after_seconds: PositiveInt = Field(1, description="Retry-After sent with an overload 503.")
+    body_timeout_seconds: PositiveFloat = Field(
+        10.0, description="Longest a prediction's body may take to arrive; past it, 408. The body "
+                          "is read before the request takes one of its model's in-flight slots.")
     request_timeout_seconds: PositiveFloat = Field(
         10.0, description="Longest a prediction may take, from admission (body upload included) to "
                           "its answer; past it, 504.")
@@ -75,6 +81,23 @@ class Settings(BaseSettings):
                          "so a load balancer can stop sending traffic, before the listener closes.")
     graceful_shutdown_seconds: PositiveFloat = Field(
         10.0, description="After the listener closes, longest wait for requests in flight to finish.")
+    # Connections (service/connections.py): what a client must do before its request reaches the app.
+    max_connections: PositiveInt | None = Field(
+        None, description="Client connections open at once; past it a new one gets 503 with "
+                          "Retry-After and is closed. Default: half the open files this process may "
+                          "have (its soft limit is raised to the hard one), at most 10,000.")
+    idle_timeout_seconds: PositiveFloat = Field(
+        5.0, description="A connection with no request under way (new, or kept alive after an "
+                         "answer) is closed after this long without a byte.")
+    headers_timeout_seconds: PositiveFloat = Field(
+        10.0, description="A request's line and headers must arrive within this long of its first "
+                          "byte; past it, 408 and the connection is closed.")
+    body_timeout_seconds: PositiveFloat = Field(
+        30.0, description="A request's body must arrive within this long of its headers; past it the "
+                          "connection is closed (with a 408 if nothing was answered yet).")
+    max_header_bytes: PositiveInt = Field(
+        64 * 1024, description="Largest request line plus headers; past it, 431 and the connection is "
+                               "closed.")
     api_key: SecretStr | None = Field(
         None, description="When set, predictions need `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
     cors_origins: str = Field(

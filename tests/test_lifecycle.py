@@ -151,15 +151,41 @@ def test_past_the_deadline_a_request_is_504_whichever_the_protocol(repository, p
 def test_past_the_in_flight_limit_a_request_is_503_whichever_the_protocol(repository, photos, protocol):
     async def scenario():
         async with serving(repository, max_in_flight_per_model=1, retry_after_seconds=3) as client:
-            holding = asyncio.ensure_future(client.request(**stalled(protocol([photo(photos)]), 0.5)))
-            await asyncio.sleep(0.1)  # the first is admitted and still uploading
-            shed = await client.request(**protocol([photo(photos)]))
-            return shed, await holding
+            return await asyncio.gather(*(client.request(**protocol([photo(photos)])) for _ in range(3)))
 
-    shed, held = asyncio.run(scenario())
-    refused(shed, 503, "overloaded", MODEL)
-    assert shed.headers["Retry-After"] == "3"
-    assert held.status_code == 200
+    answers = asyncio.run(scenario())
+    assert answers[0].status_code == 200  # admitted first; the others arrived while it ran
+    for shed in answers[1:]:
+        refused(shed, 503, "overloaded", MODEL)
+        assert shed.headers["Retry-After"] == "3"
+
+
+@pytest.mark.parametrize("protocol", [*IMAGE_PROTOCOLS, infer_tensor])
+def test_a_stalled_upload_holds_no_slot_and_times_out_as_408(repository, photos, protocol):
+    async def scenario():
+        async with serving(repository, max_in_flight_per_model=1, body_timeout_seconds=0.5) as client:
+            stalled_upload = asyncio.ensure_future(client.request(**stalled(protocol([photo(photos)]), 2.0)))
+            await asyncio.sleep(0.1)  # it has sent one byte
+            meanwhile = await client.request(**protocol([photo(photos)]))
+            return meanwhile, await stalled_upload
+
+    meanwhile, late = asyncio.run(scenario())
+    assert meanwhile.status_code == 200  # the model's only slot was free for it
+    refused(late, 408, "body_timeout", "0.5")
+
+
+@pytest.mark.parametrize("protocol", [infer_json, infer_binary])
+def test_past_the_pixel_budget_of_a_request_it_is_413(repository, protocol):
+    image = encode(Image.new("RGB", (200, 200)), "PNG")
+
+    async def scenario():
+        async with serving(repository, max_request_pixels=100_000) as client:
+            return (await client.request(**protocol([image] * 3)),
+                    await client.request(**protocol([image] * 2)))
+
+    over, within = asyncio.run(scenario())
+    refused(over, 413, "too_many_pixels", "100000")
+    assert within.status_code == 200
 
 
 @pytest.mark.parametrize("protocol", IMAGE_PROTOCOLS)

@@ -82,3 +82,27 @@ def test_outputs_go_back_as_json_binary_or_classification_strings():
     classified, _ = encode_output(WantedOutput("logits", False, 2), scores, META, LABELS)
     assert [s.split(":")[1:] for s in classified.data] == [["1", "dog"], ["2", "ship"]]
     assert classified.datatype == "BYTES" and classified.shape == [1, 2]
+
+
+# NaN and Infinity are not JSON, and an integer past a double's range is refused by the parser,
+# which names the column; values that parse but are no finite FP32 number name the input.
+@pytest.mark.parametrize("values, named", [
+    ("[NaN, 0, 0]", "invalid JSON"), ("[Infinity, 0, 0]", "invalid JSON"),
+    ("[1" + "0" * 400 + ", 0, 0]", "invalid JSON"), ("[1e39, 0, 0]", "'input'"),
+    ("[null, 0, 0]", "'input'"), ('["1", 0, 0]', "'input'"), ("[true, 0, 0]", "'input'"),
+    ("[[1, 2], 0]", "'input'")])
+def test_values_that_are_not_finite_fp32_numbers_are_refused(values, named):
+    body = ('{"inputs": [{"name": "input", "shape": [1, 3, 1, 1], "datatype": "FP32", "data": %s}]}'
+            % values).encode()
+    meta = META.model_copy(update={"input": META.input.model_copy(update={"shape": [None, 3, 1, 1]})})
+    with pytest.raises(InvalidInferenceRequest, match=named):
+        decode_request(body, None, meta)
+
+
+def test_non_finite_binary_fp32_is_refused_too():
+    rows = np.zeros((1, 3, 2, 2), np.float32)
+    rows[0, 1, 1, 1] = np.nan
+    header = b'{"inputs": [{"name": "input", "shape": [1, 3, 2, 2], "datatype": "FP32", ' \
+             b'"parameters": {"binary_data_size": 48}}]}'
+    with pytest.raises(InvalidInferenceRequest, match="not finite"):
+        decode_request(*binary_request(header, rows.tobytes()), META)

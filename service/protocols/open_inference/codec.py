@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import ValidationError
 
 from contract import ModelMetadata
@@ -78,7 +79,11 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[InferenceReques
             raise InvalidInferenceRequest(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
         json_part, binary = body[:length], body[length:]
     try:
-        return InferenceRequest.model_validate_json(json_part), binary
+        # orjson first: it parses a body of millions of numbers several times faster than the
+        # model's own JSON reader, and the event loop waits for the GIL meanwhile.
+        return InferenceRequest.model_validate(orjson.loads(json_part)), binary
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInferenceRequest(f"body: invalid JSON: {exc}") from None
     except ValidationError as exc:
         raise InvalidInferenceRequest("; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())) from None
@@ -131,16 +136,32 @@ def _tensor(given: RequestInput, raw: bytes | None, meta: ModelMetadata) -> np.n
         if len(raw) != count * 4:
             raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs "
                                           f"{count * 4} bytes of FP32, got {len(raw)}")
-        return np.frombuffer(raw, dtype="<f4").reshape(given.shape)
-    try:
-        array = np.asarray(given.data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise InvalidInferenceRequest(f"data of input {given.name!r} is not a (nested) list of "
-                                      "numbers") from None
-    if array.size != count:
-        raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs {count} "
-                                      f"numbers, got {array.size}")
+        array = np.frombuffer(raw, dtype="<f4")
+    else:
+        array = _json_numbers(given)
+        if array.size != count:
+            raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs {count} "
+                                          f"numbers, got {array.size}")
+    if not np.isfinite(array).all():  # NaN, Infinity, or beyond FP32's range, as 1e39 is
+        raise InvalidInferenceRequest(f"input {given.name!r} holds values that are not finite FP32 "
+                                      "numbers (NaN, Infinity, null or beyond +-3.4e38)")
     return array.reshape(given.shape)
+
+
+def _json_numbers(given: RequestInput) -> np.ndarray:
+    """JSON numbers as float32; booleans, strings and nulls are refused, not read as 1, 0 or NaN."""
+    try:
+        values = np.asarray(given.data, dtype=object).ravel()
+    except ValueError:  # ragged nesting
+        values = np.asarray([None], dtype=object)
+    if not set(map(type, values)) <= {int, float}:
+        raise InvalidInferenceRequest(f"data of input {given.name!r} is not a (nested) list of "
+                                      "numbers")
+    with np.errstate(over="ignore"):  # a too large number becomes inf, refused by the caller
+        try:
+            return values.astype(np.float32)
+        except OverflowError:  # an integer with hundreds of digits
+            return np.full(values.size, np.inf, np.float32)
 
 
 def _encoded_images(given: RequestInput, raw: bytes | None, meta: ModelMetadata) -> list[bytes]:
