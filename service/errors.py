@@ -168,6 +168,11 @@ class InferenceFailed(ServiceError):
         super().__init__(f"inference failed for model {model!r}: {reason}")
 
 
+class InferenceFailed(ServiceError):
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"inference failed for model {model!r}: {reason}")
+
+
 class UnsupportedImageFormat(ServiceError):
     def __init__(self, image_format: str) -> None:
         super().__init__(f"unsupported image format: the file looks like {image_format}; accepted: "
@@ -205,8 +210,6 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     Overloaded: (503, "overloaded"),
     RequestTimedOut: (504, "timeout"),
     InferenceFailed: (500, "inference_failed"),
-    UnsupportedImageFormat: (415, "unsupported_image_format"),
-    ImageTooComplex: (422, "image_too_complex"),
 }
 
 

@@ -10,29 +10,10 @@ Choices a caller should know:
   Pillow's own convert() would clip everything above 255 to white.
 - A JPEG is decoded with Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while decoding,
   never below the resize target on the shorter side, so a 12 MP photo is not decoded at full size.
-- Only the first frame of an animated image (GIF, WebP, APNG) or page of a TIFF is used; nothing
-  counts or visits the other frames.
-- A 32-bit float image (mode F, from TIFF) is scaled by its real range: all values within 0..1 are
-  multiplied by 255, values within 0..255 are kept, any other range is stretched min-to-max onto
-  0..255 (a constant image outside 0..255 is clipped). NaN or infinity makes it undecodable.
-
-Hostile input is refused before decoding, from the bytes and the header alone:
-- Only JPEG, PNG, WebP, GIF, BMP and TIFF are opened (`ACCEPTED_FORMATS` in `errors`): no other
-  Pillow plugin parses the bytes. A file whose signature names another format (ICO, JPEG 2000,
-  AVIF, PPM, ...) is `UnsupportedImageFormat`. ICO stays out: Pillow decodes the biggest icon
-  while opening it, whatever size the icon directory declares.
-- The pixel limit is checked on the size the header declares: opening these six formats parses
-  headers only (GIF: up to the first frame's descriptor, TIFF: the first directory).
-- A JPEG's markers are walked before Pillow opens it, as libjpeg reads them (stuffed 0xFF00 and
-  restart markers inside entropy-coded data, segment payloads skipped by their length). More than
-  `max_scans` scans is `ImageTooComplex`: libjpeg decodes every scan over the whole image, draft
-  mode or not. So is a header of more than `MAX_JPEG_MARKERS` markers and stray bytes, which
-  Pillow's header parser would step through one at a time.
+- Only the first frame of an animated image (GIF, WebP, APNG) is used.
 """
 import io
 import math
-import re
-import struct
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,19 +22,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from contract import Preprocessing
-from service.errors import (EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage,
-                            UnsupportedImageFormat)
-
-# errors.ACCEPTED_FORMATS as Pillow names them, and the only plugins that ever see the bytes.
-PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-MAX_JPEG_SCANS = 100  # libjpeg writes 10 scans for a progressive colour JPEG
-MAX_JPEG_MARKERS = 10_000  # a photo has tens: metadata, tables and one or two per scan
-JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI and the first marker: what Pillow's JPEG plugin accepts
-# A marker libjpeg stops at: 0xFF, then neither 0x00 (a stuffed 0xFF data byte), nor 0xFF (fill),
-# nor RST0-7 (restart markers, which stand inside a scan's entropy-coded data).
-JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-JPEG_LENGTHLESS = {0x01, 0xD8}  # TEM and SOI: no length follows
-JPEG_EOI, JPEG_SOS = 0xD9, 0xDA
+from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
 
 INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                  "bicubic": Image.Resampling.BICUBIC}
@@ -73,16 +42,13 @@ class DecodedImage:
     format: str
 
 
-def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
-           max_scans: int = MAX_JPEG_SCANS) -> DecodedImage:
-    """Open an image of an accepted format, upright and as 8-bit RGB, reduced early if a big JPEG."""
+def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int) -> DecodedImage:
+    """Open any image Pillow knows, upright and as 8-bit RGB, reduced early when it is a big JPEG."""
     if not data:
         raise EmptyBody()
-    if data.startswith(JPEG_SIGNATURE):
-        check_jpeg_markers(data, max_scans)
     try:
-        image = _open(data)
-        width, height = image.size  # as the header declares it: nothing is decoded yet
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
         if width * height > max_pixels:
             raise ImageTooLarge(max_pixels, width, height)
         image_format = image.format or "unknown"
@@ -96,63 +62,14 @@ def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
             image = image.transpose(UPRIGHT[orientation])
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(max_pixels) from exc
+    except UnidentifiedImageError as exc:
+        raise UndecodableImage("not an image format Pillow recognises") from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         # Truncated or corrupt files surface as any of these from Pillow's decoders.
         raise UndecodableImage(f"{type(exc).__name__}: {exc}") from exc
     if orientation in TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return DecodedImage(image, width, height, image_format)
-
-
-def check_jpeg_markers(data: bytes, max_scans: int) -> None:
-    """Refuse a JPEG with more than `max_scans` scans, or `MAX_JPEG_MARKERS` markers, before its EOI.
-
-    Markers are found as libjpeg finds them, and a segment's payload is skipped by its declared
-    length, so an EXIF thumbnail's scans are not counted. Stray bytes before the first scan count
-    as markers: Pillow's header parser steps through them one at a time.
-    """
-    scans = markers = 0
-    position = 2  # after SOI
-    while marker := JPEG_MARKER.search(data, position):
-        markers += 1 + (marker.start() - position if scans == 0 else 0)
-        if markers > MAX_JPEG_MARKERS:
-            raise ImageTooComplex(f"a JPEG with more than {MAX_JPEG_MARKERS} markers and stray bytes")
-        code, position = data[marker.start() + 1], marker.end()
-        if code == JPEG_EOI:
-            return
-        if code in JPEG_LENGTHLESS:
-            continue
-        if code == JPEG_SOS:
-            scans += 1
-            if scans > max_scans:
-                raise ImageTooComplex(f"a JPEG with more than {max_scans} scans; the limit is "
-                                      f"{max_scans} (MAX_JPEG_SCANS)")
-        position += max(int.from_bytes(data[position:position + 2], "big"), 2)  # as libjpeg skips
-
-
-def _open(data: bytes) -> Image.Image:
-    """Pillow's lazy open by the accepted formats' plugins only; another format named if it can be."""
-    try:
-        return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
-    except UnidentifiedImageError as exc:
-        signature = _format_by_signature(data)
-        if signature is None or signature in PILLOW_FORMATS:  # unknown, or corrupt past its signature
-            raise UndecodableImage("not an image format this service can read") from exc
-        raise UnsupportedImageFormat(signature) from exc
-
-
-def _format_by_signature(data: bytes) -> str | None:
-    """The first format whose signature test (its Pillow plugin's `accept`) passes; nothing is parsed."""
-    Image.init()
-    prefix = data[:16]  # what Image.open shows each plugin's test
-    for name in (*PILLOW_FORMATS, *Image.ID):
-        accept = Image.OPEN[name][1]
-        try:
-            if accept is not None and accept(prefix):
-                return name
-        except (IndexError, TypeError, SyntaxError, struct.error):  # as Image.open tolerates them
-            continue
-    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -167,27 +84,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image).astype(np.float32)
         if mode.startswith("I;16") or values.max(initial=0) > 255:
             values = values / 257.0
-        return _levels_to_rgb(values)
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
-        return _levels_to_rgb(_float_levels(np.asarray(image)))
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), "L").convert("RGB")
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def _float_levels(values: np.ndarray) -> np.ndarray:
-    """A float image's values as 0..255 levels, by the rule in the module docstring."""
-    if not np.isfinite(values).all():
-        raise UndecodableImage("the float image has NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
-    if low >= 0 and high <= 1:
-        return values * np.float32(255)
-    if (low >= 0 and high <= 255) or low == high:
-        return values
-    scale = 255 / (high - low)  # in float64: high - low may overflow float32
-    return values * np.float32(scale) - np.float32(low * scale)
-
-
-def _levels_to_rgb(values: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
 def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
@@ -252,18 +152,16 @@ class PreparedImage:
     preprocess_ms: float
 
 
-def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
-            max_scans: int = MAX_JPEG_SCANS) -> PreparedImage:
+def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int) -> PreparedImage:
     """decode + to_tensor, timing the two stages apart, for the service's worker threads."""
     started = time.perf_counter()
-    decoded = decode(data, preprocessing, max_pixels, max_scans=max_scans)
+    decoded = decode(data, preprocessing, max_pixels)
     decoded_at = time.perf_counter()
     tensor = to_tensor(decoded.image, preprocessing)
     return PreparedImage(tensor, decoded.width, decoded.height, decoded.format,
                          (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000)
 
 
-def preprocess(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
-               max_scans: int = MAX_JPEG_SCANS) -> np.ndarray:
+def preprocess(data: bytes, preprocessing: Preprocessing, max_pixels: int) -> np.ndarray:
     """decode + to_tensor, for callers that do not time the two stages apart."""
-    return to_tensor(decode(data, preprocessing, max_pixels, max_scans=max_scans).image, preprocessing)
+    return to_tensor(decode(data, preprocessing, max_pixels).image, preprocessing)

@@ -81,23 +81,6 @@ class Settings(BaseSettings):
                          "so a load balancer can stop sending traffic, before the listener closes.")
     graceful_shutdown_seconds: PositiveFloat = Field(
         10.0, description="After the listener closes, longest wait for requests in flight to finish.")
-    # Connections (service/connections.py): what a client must do before its request reaches the app.
-    max_connections: PositiveInt | None = Field(
-        None, description="Client connections open at once; past it a new one gets 503 with "
-                          "Retry-After and is closed. Default: half the open files this process may "
-                          "have (its soft limit is raised to the hard one), at most 10,000.")
-    idle_timeout_seconds: PositiveFloat = Field(
-        5.0, description="A connection with no request under way (new, or kept alive after an "
-                         "answer) is closed after this long without a byte.")
-    headers_timeout_seconds: PositiveFloat = Field(
-        10.0, description="A request's line and headers must arrive within this long of its first "
-                          "byte; past it, 408 and the connection is closed.")
-    body_timeout_seconds: PositiveFloat = Field(
-        30.0, description="A request's body must arrive within this long of its headers; past it the "
-                          "connection is closed (with a 408 if nothing was answered yet).")
-    max_header_bytes: PositiveInt = Field(
-        64 * 1024, description="Largest request line plus headers; past it, 431 and the connection is "
-                               "closed.")
     api_key: SecretStr | None = Field(
         None, description="When set, predictions need `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
     cors_origins: str = Field(
