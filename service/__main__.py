@@ -3,7 +3,9 @@
 On SIGTERM (or a first Ctrl-C) readiness turns 503 at once; requests keep being served for
 DRAIN_SECONDS so a load balancer can take the instance out, then uvicorn closes the listener and
 waits up to GRACEFUL_SHUTDOWN_SECONDS for the requests in flight before the process exits.
+Connections are served by service/connections.py's protocol, which bounds what clients may hold.
 """
+import logging
 import time
 from types import FrameType
 
@@ -11,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.connections import bounded_http_protocol, connection_limits
 from service.settings import Settings
 
 
@@ -37,11 +40,16 @@ class DrainingServer(uvicorn.Server):
 
 def main() -> None:
     settings = Settings()
+    limits = connection_limits(settings)
     app = create_app(settings)
     # Our own middleware logs one line per request with timings, so uvicorn's access log is off.
+    # The app serves no WebSockets: an upgrade would hand the socket to a protocol without our bounds.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False,
+                            access_log=False, http=bounded_http_protocol(limits), ws="none",
+                            timeout_keep_alive=limits.idle_timeout, backlog=limits.backlog,
                             timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+    logging.getLogger("service.connections").info(
+        "up to %d connections (%d open files allowed)", limits.max_connections, limits.descriptors)
     DrainingServer(config, app, settings.drain_seconds).run()
 
 

@@ -163,9 +163,23 @@ class ClientClosedRequest(ServiceError):
         super().__init__("the client closed the connection before the request was answered")
 
 
-class InferenceFailed(ServiceError):
-    def __init__(self, model: str, reason: str) -> None:
-        super().__init__(f"inference failed for model {model!r}: {reason}")
+class HeadersTooLarge(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request line and headers larger than {limit} bytes (MAX_HEADER_BYTES)",
+                         limit_bytes=limit)
+
+
+class HeadersTimedOut(ServiceError):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"request line and headers not received within {timeout:g} s of their "
+                         "first byte (HEADERS_TIMEOUT_SECONDS)", timeout_seconds=timeout)
+
+
+class TooManyConnections(ServiceError):
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(f"the server holds its limit of {limit} connections (MAX_CONNECTIONS); "
+                         f"retry after {retry_after} s", limit=limit, retry_after_seconds=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class InferenceFailed(ServiceError):
@@ -175,7 +189,7 @@ class InferenceFailed(ServiceError):
 
 class UnsupportedImageFormat(ServiceError):
     def __init__(self, image_format: str) -> None:
-        super().__init__(f"unsupported image format: the file looks like {image_format}; accepted: "
+        super().__init__(f"unsupported image format {image_format}; accepted: "
                          f"{', '.join(ACCEPTED_FORMATS)}", format=image_format,
                          accepted_formats=ACCEPTED_FORMATS)
 
@@ -206,10 +220,15 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     TooManyPixels: (413, "too_many_pixels"),
     BodyTimedOut: (408, "body_timeout"),
     ClientClosedRequest: (499, "client_closed_request"),  # nginx's status for it
+    HeadersTooLarge: (431, "headers_too_large"),
+    HeadersTimedOut: (408, "headers_timeout"),
+    TooManyConnections: (503, "too_many_connections"),
     Unauthorized: (401, "unauthorized"),
     Overloaded: (503, "overloaded"),
     RequestTimedOut: (504, "timeout"),
     InferenceFailed: (500, "inference_failed"),
+    UnsupportedImageFormat: (415, "unsupported_image_format"),
+    ImageTooComplex: (422, "image_too_complex"),
 }
 
 

@@ -16,8 +16,9 @@ worker (one hand-off from the event loop); otherwise each image is decoded in th
 pool, in parallel, and the batch queues for the model's inference workers.
 """
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ import numpy as np
 from fastapi import Request, Response
 from starlette.requests import ClientDisconnect
 
-from contract import Preprocessing
 from service import preprocess
 from service.admission import Admission
 from service.batching import Inference
@@ -79,6 +79,10 @@ class Lifecycle:
     def __init__(self, engine: Engine, admission: Admission, settings: Settings) -> None:
         self.engine, self.admission, self.settings = engine, admission, settings
         self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
+        # One body parsed at a time: a JSON parser holds the GIL through a whole body (about
+        # 0.1 s for 5 MB of numbers), so two at once would starve the event loop back to back,
+        # and each parsed body is several times its size in Python objects.
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="parse")
 
     async def handle(self, request: Request, model_name: str, adapter: Adapter) -> Response:
         started = time.perf_counter()
@@ -87,7 +91,7 @@ class Lifecycle:
             payload = await self._read(request, adapter)  # BodyTimedOut 408, client gone 499
             async with self.admission.admit(model.name), _cancelled_when_client_leaves(request):
                 if adapter.parses_body:
-                    inputs = await self._in_pool(adapter.decode, payload, model)
+                    inputs = await self._in_pool(adapter.decode, payload, model, pool=self.parser)
                 else:
                     inputs = adapter.decode(payload, model)
                 if inputs.count > self.settings.max_images_per_request:
@@ -116,21 +120,23 @@ class Lifecycle:
     async def _infer(self, model: ServedModel, inputs: Inputs) -> tuple[list[PreparedImage], Inference]:
         if inputs.images is None:
             return [], await self.engine.infer(model, inputs.tensor)
-        spec = model.metadata.preprocessing
-        max_pixels = min(self.settings.max_image_pixels, self.settings.max_request_pixels)
+        prepare_one = functools.partial(
+            preprocess.prepare, preprocessing=model.metadata.preprocessing,
+            max_pixels=min(self.settings.max_image_pixels, self.settings.max_request_pixels),
+            max_scans=self.settings.max_jpeg_scans)
         if len(inputs.images) == 1 and self.engine.idle(model):
             prepared: list[PreparedImage] = []
 
             def prepare() -> np.ndarray:  # on the inference worker that then runs the model
-                prepared.append(preprocess.prepare(inputs.images[0], spec, max_pixels))
+                prepared.append(prepare_one(inputs.images[0]))
                 return prepared[0].tensor
 
             return prepared, await self.engine.infer(model, prepare)
-        prepared = await self._prepare_all(inputs.images, spec, max_pixels)
+        prepared = await self._prepare_all(inputs.images, prepare_one)
         batch = np.concatenate([p.tensor for p in prepared])
         return prepared, await self.engine.infer(model, batch)
 
-    async def _prepare_all(self, images: list[bytes], spec: Preprocessing, max_pixels: int
+    async def _prepare_all(self, images: list[bytes], prepare_one: Callable[[bytes], PreparedImage]
                            ) -> list[PreparedImage]:
         """Each image decoded in the pool, in parallel; past the request's pixel budget the rest
         are cancelled before they start."""
@@ -138,7 +144,7 @@ class Lifecycle:
 
         async def prepare(data: bytes) -> PreparedImage:
             nonlocal spent
-            image = await self._in_pool(preprocess.prepare, data, spec, max_pixels)
+            image = await self._in_pool(prepare_one, data)
             spent += image.width * image.height
             if spent > self.settings.max_request_pixels:
                 raise TooManyPixels(self.settings.max_request_pixels)
@@ -151,11 +157,12 @@ class Lifecycle:
             for task in tasks:
                 task.cancel()
 
-    async def _in_pool(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+    async def _in_pool(self, function, *args, pool: ThreadPoolExecutor | None = None):
+        return await asyncio.get_running_loop().run_in_executor(pool or self.pool, function, *args)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.pool, self.parser):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @asynccontextmanager

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_request_pixels: PositiveInt = Field(
         100_000_000, description="Most pixels all the images of one request may hold together; 413 "
                                  "above, and the images not yet decoded are not decoded.")
+    max_jpeg_scans: PositiveInt = Field(
+        100, description="Most scans a JPEG may have (a progressive one has about 10); each scan is "
+                         "decoded over the whole image, so more are refused with 422 before decoding.")
     max_image_pixels: PositiveInt = Field(40_000_000, description="Largest decoded image (width x height).")
     stats_window: PositiveInt = Field(10_000, description="Recent requests per model kept for percentiles.")
 
@@ -81,6 +84,21 @@ class Settings(BaseSettings):
                          "so a load balancer can stop sending traffic, before the listener closes.")
     graceful_shutdown_seconds: PositiveFloat = Field(
         10.0, description="After the listener closes, longest wait for requests in flight to finish.")
+    # Connections (service/connections.py): what a client must do before its request reaches the app.
+    max_connections: PositiveInt | None = Field(
+        None, description="Client connections open at once; past it a new one gets 503 with "
+                          "Retry-After and is closed. Default: half the open files left after 128 kept "
+                          "for the process itself (its soft limit is first raised to the hard one), "
+                          "at most 10,000.")
+    idle_timeout_seconds: PositiveFloat = Field(
+        5.0, description="A connection with no request under way (new, or kept alive after an "
+                         "answer) is closed after this long without a byte.")
+    headers_timeout_seconds: PositiveFloat = Field(
+        10.0, description="A request's line and headers must arrive within this long of its first "
+                          "byte; past it, 408 and the connection is closed.")
+    max_header_bytes: PositiveInt = Field(
+        64 * 1024, description="Largest request line plus headers; past it, 431 and the connection is "
+                               "closed.")
     api_key: SecretStr | None = Field(
         None, description="When set, predictions need `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
     cors_origins: str = Field(

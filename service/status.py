@@ -102,13 +102,15 @@ async def get_metrics(request: Request, format: str | None = Query(
     return Response(metrics.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Liveness, tags=["health"])
+@router.get("/health/live", response_model=Liveness, tags=["health"])
+@router.head("/health/live", include_in_schema=False)
 async def live() -> Liveness:
     return Liveness()
 
 
-@router.api_route("/health/ready", methods=["GET", "HEAD"], response_model=Readiness,
-                  responses={503: {"model": Readiness}}, tags=["health"])
+@router.get("/health/ready", response_model=Readiness, responses={503: {"model": Readiness}},
+            tags=["health"])
+@router.head("/health/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     body = Readiness(ready=is_ready(request), loading_done=engine.loading_done,

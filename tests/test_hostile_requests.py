@@ -103,8 +103,8 @@ def test_large_json_bodies_do_not_stall_the_health_check(server, client, photos)
     assert worst < 0.5
 
 
-@pytest.mark.parametrize("value, named", [("NaN", "invalid JSON"), ("Infinity", "invalid JSON"),
-                                          ("1" + "0" * 400, "invalid JSON"), ("1e39", "'input'"),
+@pytest.mark.parametrize("value, named", [("NaN", "Invalid JSON"), ("Infinity", "Invalid JSON"),
+                                          ("1" + "0" * 400, "Invalid JSON"), ("1e39", "'input'"),
                                           ("null", "'input'")])
 def test_a_tensor_value_that_is_not_a_finite_number_is_a_400_saying_where(client, value, named):
     data = [0.0] * (3 * 224 * 224 - 1)

