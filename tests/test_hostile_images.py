@@ -5,10 +5,8 @@ padded with a hundred thousand empty markers, chunks or blocks, a run-length-enc
 holding a giant PNG, formats the service does not list, float TIFFs that Pillow's own conversion
 turns black.
 """
-import io
 import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from PIL import Image
 from contract import Preprocessing
 from service.errors import ImageTooComplex, ImageTooLarge, UndecodableImage, UnsupportedImageFormat
 from service.preprocess import decode, preprocess
+from tests.image_bombs import png, png_chunk, with_last_scan_repeated
 from tests.service_fixtures import IMAGENET, ONE_GRAY_LEVEL, encode, reference_tensor
 
 PREPROCESSING = Preprocessing(**IMAGENET)
@@ -40,19 +39,6 @@ def refused_in(seconds: float, error: type[Exception], data: bytes, **options) -
 @pytest.fixture(scope="module")
 def chelsea(photos) -> Image.Image:
     return Image.open(photos["chelsea"]).convert("RGB")
-
-
-def with_last_scan_repeated(jpeg: bytes, times: int) -> bytes:
-    """The JPEG with its last scan (and the Huffman tables just before it) written `times` times.
-
-    libjpeg decodes each repeat over the whole image: a refinement scan of a flat image is a few
-    bytes, so a thousand of them cost a thousand passes for almost nothing in the file.
-    """
-    sos = jpeg.rindex(b"\xff\xda")
-    dht = jpeg.rindex(b"\xff\xc4", 0, sos)
-    start = dht if dht + 2 + int.from_bytes(jpeg[dht + 2:dht + 4], "big") == sos else sos
-    assert jpeg.endswith(b"\xff\xd9")
-    return jpeg[:start] + jpeg[start:-2] * times + jpeg[-2:]
 
 
 def test_a_progressive_jpeg_with_a_thousand_scans_is_refused_before_decoding():
@@ -131,19 +117,6 @@ def rle_bmp(width: int, height: int) -> bytes:
 def test_a_run_length_encoded_bmp_is_refused_before_decoding():
     bomb = rle_bmp(6000, 6600)  # 40 megapixels in 330 KB
     assert "RLE" in refused_in(FAST, UnsupportedImageFormat, bomb)
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png(width: int, height: int) -> bytes:
-    """An all-black 8-bit grayscale PNG, compressed row by row without building the image."""
-    compressor, row = zlib.compressobj(1), bytes(width + 1)  # filter byte, then the pixels
-    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels)
-            + png_chunk(b"IEND", b""))
 
 
 def test_an_icon_that_declares_16x16_but_holds_a_64_megapixel_png_is_refused_before_decoding():

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.service_fixtures import encode, ready_server, rss_bytes
+from tests.image_bombs import png, with_last_scan_repeated
 
 MODEL = "mobilenetv3_small"
 
@@ -126,3 +127,59 @@ def test_base64_images_in_a_batch_beyond_the_limit_are_413(client, photos):
     response = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
         {"name": "image", "shape": [17], "datatype": "BYTES", "data": [image] * 17}]})
     assert response.status_code == 413 and response.json()["code"] == "too_many_images"
+
+
+def test_a_scan_bomb_jpeg_is_refused_at_once_and_a_photo_beside_it_is_answered(server, client, photos):
+    bomb = with_last_scan_repeated(encode(Image.new("L", (6000, 6600), 128), "JPEG", progressive=True),
+                                   1000)
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, data: bytes) -> None:
+        answers[name] = httpx.put(f"{server.url}/predict/{MODEL}", content=data, timeout=60)
+
+    started = time.perf_counter()
+    senders = [threading.Thread(target=send, args=(f"bomb{i}", bomb)) for i in range(2)]
+    senders.append(threading.Thread(target=send, args=("photo", photos["coffee"].read_bytes())))
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    elapsed = time.perf_counter() - started
+    print(f"\ntwo {len(bomb) / 1000:.0f} KB JPEGs of 1,000 scans and a photo: all answered in "
+          f"{elapsed * 1000:.0f} ms")
+    assert answers["bomb0"].status_code == answers["bomb1"].status_code == 422
+    assert answers["bomb0"].json()["code"] == "image_too_complex"
+    assert answers["photo"].status_code == 200
+    assert elapsed < 2
+
+
+def test_an_icon_hiding_a_huge_png_is_refused_without_decoding_it(server, client, photos):
+    inner = png(13000, 13000)
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 6 + 16)  # says 16 x 16
+    icon = struct.pack("<HHH", 0, 1, 1) + entry + inner
+    before = rss_bytes(server.process.pid)
+    started = time.perf_counter()
+    response = client.put(f"/predict/{MODEL}", content=icon)
+    elapsed, growth = time.perf_counter() - started, rss_bytes(server.process.pid) - before
+    print(f"\n{len(icon) / 1000:.0f} KB icon of a 169 MP PNG: {response.status_code} in "
+          f"{elapsed * 1000:.0f} ms, RSS +{growth / 2**20:.1f} MiB")
+    assert response.status_code == 415 and response.json()["code"] == "unsupported_image_format"
+    assert elapsed < 0.5 and growth < 20 * 2**20
+    served_normally(client, photos)
+
+
+def test_uploads_that_stall_after_one_byte_do_not_lock_the_model_out(server, client, photos):
+    stalled = []
+    for _ in range(40):  # more than MAX_IN_FLIGHT_PER_MODEL (32)
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        connection.sendall(f"PUT /predict/{MODEL} HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                           "Content-Length: 100000\r\n\r\n\xff".encode("latin-1"))
+        stalled.append(connection)
+    try:
+        time.sleep(0.3)
+        started = time.perf_counter()
+        served_normally(client, photos)
+        assert time.perf_counter() - started < 2
+    finally:
+        for connection in stalled:
+            connection.close()
