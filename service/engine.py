@@ -224,8 +224,11 @@ class Engine:
         return self.loading_done and "ready" in statuses and not (strict and "failed" in statuses)
 
     def idle(self, model: ServedModel) -> bool:
-        """Whether an inference of this model submitted now would start at once."""
-        return self._batcher(model).idle
+        """Whether an inference of this model submitted now would start at once and run alone.
+
+        Only then does a request's decoding belong on the inference worker: under load the
+        preprocessing pool decodes while the workers infer, and queued requests can batch."""
+        return self._activity.running == 0 and self._batcher(model).idle
 
     async def infer(self, model: ServedModel, job: Job) -> Inference:
         """Run a (batch, 3, H, W) array, or a function making one, without blocking the loop."""

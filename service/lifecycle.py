@@ -140,6 +140,8 @@ class Lifecycle:
                            ) -> list[PreparedImage]:
         """Each image decoded in the pool, in parallel; past the request's pixel budget the rest
         are cancelled before they start."""
+        if len(images) == 1:  # no task to spawn; the pixel limit already bounds one image
+            return [await self._in_pool(prepare_one, images[0])]
         spent = 0
 
         async def prepare(data: bytes) -> PreparedImage:
