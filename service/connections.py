@@ -102,6 +102,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.reading_headers = True
         self.header_bytes = 0
         self.body_due = 0.0  # loop time by which the body of the request being read must be in
+        self.closing = False  # shutting down: answer the request under way, then close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         over_cap = len(self.connections) >= self.limits.max_connections
@@ -131,6 +132,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.cancel_deadline()
         self.body_due = self.loop.time() + self.limits.body_timeout
         super().on_headers_complete()
+        if self.closing:
+            self.cycle.keep_alive = False
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -138,6 +141,16 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # Answered before its body is in (a refusal, a route that reads none): the rest is
             # read and dropped, but no longer than the body's own deadline.
             self.set_deadline(max(0.0, self.body_due - self.loop.time()), self.body_timed_out)
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: uvicorn closes a connection whose next request is not parsed yet, and
+        so drops unanswered a request already on its way. Here such a connection is served and then
+        closed; the idle and headers deadlines still bound how long it can keep the server up."""
+        arriving = self.cycle is None or (self.cycle.response_complete and self.header_bytes > 0)
+        if arriving:
+            self.closing = True
+            return
+        super().shutdown()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
