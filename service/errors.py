@@ -182,6 +182,12 @@ class TooManyConnections(ServiceError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class JsonTooLarge(ServiceError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the JSON body holds more than {limit} values (MAX_JSON_VALUES); send large "
+                         "tensors as binary data (the binary_tensor_data extension)", limit=limit)
+
+
 class InferenceFailed(ServiceError):
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(f"inference failed for model {model!r}: {reason}")
@@ -218,6 +224,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     ImageTooLarge: (413, "image_too_large"),
     TooManyImages: (413, "too_many_images"),
     TooManyPixels: (413, "too_many_pixels"),
+    JsonTooLarge: (413, "json_too_large"),
     BodyTimedOut: (408, "body_timeout"),
     ClientClosedRequest: (499, "client_closed_request"),  # nginx's status for it
     HeadersTooLarge: (431, "headers_too_large"),

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
 
     top_k: PositiveInt = Field(5, description="Default number of classes returned by /predict.")
     max_body_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest request body accepted.")
+    max_json_values: PositiveInt = Field(
+        1_000_000, description="Most values (numbers, strings) an Open Inference Protocol JSON body "
+                               "may hold, counted before parsing; 413 above. Binary tensor data is "
+                               "not counted.")
     max_images_per_request: PositiveInt = Field(
         16, description="Most images (or tensor rows) one request may carry; 413 above.")
     max_request_pixels: PositiveInt = Field(

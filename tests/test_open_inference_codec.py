@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from contract import ModelMetadata
-from service.errors import InvalidInferenceRequest
+from service.errors import InvalidInferenceRequest, JsonTooLarge
 from service.protocols.open_inference.codec import WantedOutput, decode_request, encode_output
 
 META = ModelMetadata.model_validate({
@@ -106,3 +106,11 @@ def test_non_finite_binary_fp32_is_refused_too():
              b'"parameters": {"binary_data_size": 48}}]}'
     with pytest.raises(InvalidInferenceRequest, match="not finite"):
         decode_request(*binary_request(header, rows.tobytes()), META)
+
+
+def test_a_json_body_of_more_values_than_allowed_is_refused_before_it_is_parsed():
+    body = b'{"inputs": [{"name": "input", "shape": [1, 3, 2, 2], "datatype": "FP32", "data": [%s]}]}' \
+        % b",".join([b"0"] * 12)
+    assert decode_request(body, None, META, max_json_values=20).tensor.size == 12
+    with pytest.raises(JsonTooLarge):
+        decode_request(body, None, META, max_json_values=10)

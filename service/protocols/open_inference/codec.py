@@ -20,7 +20,7 @@ import orjson
 from pydantic import ValidationError
 
 from contract import ModelMetadata
-from service.errors import InvalidInferenceRequest
+from service.errors import InvalidInferenceRequest, JsonTooLarge
 from service.postprocess import top_k as best_classes
 from service.protocols.open_inference.wire import InferenceRequest, RequestInput, ResponseOutput
 
@@ -49,9 +49,10 @@ def wire_shape(shape: list[int | None]) -> list[int]:
     return [-1 if d is None else d for d in shape]
 
 
-def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata) -> DecodedRequest:
+def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata,
+                   max_json_values: int = 1_000_000) -> DecodedRequest:
     """A whole infer request, checked against the model's metadata."""
-    request, binary = _split_body(body, header_length)
+    request, binary = _split_body(body, header_length, max_json_values)
     wanted = _wanted_outputs(request, meta)
     if len(request.inputs) != 1:
         raise InvalidInferenceRequest(
@@ -64,7 +65,8 @@ def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata) 
     return DecodedRequest(request, wanted, None, _tensor(given, raw, meta))
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[InferenceRequest, bytes]:
+def _split_body(body: bytes, header_length: str | None, max_json_values: int
+                ) -> tuple[InferenceRequest, bytes]:
     """The JSON header parsed, and the binary tensor data after it."""
     json_part, binary = body, b""
     if header_length is not None:
@@ -78,6 +80,10 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[InferenceReques
         if not 0 < length <= len(body):
             raise InvalidInferenceRequest(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
         json_part, binary = body[:length], body[length:]
+    # Counted before parsing: a JSON parser holds the GIL through a whole body, about 0.1 s per
+    # million numbers, and every number becomes a Python object. Base64 images hold no commas.
+    if json_part.count(b",") >= max_json_values:
+        raise JsonTooLarge(max_json_values)
     try:
         # orjson first: it parses a body of millions of numbers several times faster than the
         # model's own JSON reader, and the event loop waits for the GIL meanwhile.

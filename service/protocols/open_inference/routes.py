@@ -36,13 +36,14 @@ INFER_BODY = {"requestBody": {"required": True, "description": (
 
 @dataclass(frozen=True)
 class OpenInferenceAdapter:
+    max_json_values: int
     parses_body = True
 
     async def read(self, request: Request) -> tuple[bytes, str | None]:
         return await request.body(), request.headers.get(HEADER_LENGTH)
 
     def decode(self, payload: tuple[bytes, str | None], model: ServedModel) -> Inputs:
-        decoded = decode_request(*payload, model.metadata)
+        decoded = decode_request(*payload, model.metadata, self.max_json_values)
         return Inputs(images=decoded.images, tensor=decoded.tensor, options=decoded)
 
     def encode(self, result: Result) -> Response:
@@ -110,7 +111,8 @@ async def model_metadata(model: str, request: Request, version: str | None = Non
                        responses={200: {"model": InferenceResponse}, **ERRORS})
 async def infer(model: str, request: Request, version: str | None = None) -> Response:
     _served(request, model, version)
-    return await request.app.state.lifecycle.handle(request, model, OpenInferenceAdapter())
+    adapter = OpenInferenceAdapter(request.app.state.settings.max_json_values)
+    return await request.app.state.lifecycle.handle(request, model, adapter)
 
 
 def _served(request: Request, model: str, version: str | None) -> ServedModel:
