@@ -79,9 +79,11 @@ class Settings(BaseSettings):
     retry_after_seconds: PositiveInt = Field(1, description="Retry-After sent with an overload 503.")
     body_timeout_seconds: PositiveFloat = Field(
         10.0, description="Longest a prediction's body may take to arrive; past it, 408. The body "
-                          "is read before the request takes one of its model's in-flight slots.")
+                          "is read before the request takes one of its model's in-flight slots. A "
+                          "body the app answered without reading is dropped until then, then the "
+                          "connection is closed.")
     request_timeout_seconds: PositiveFloat = Field(
-        10.0, description="Longest a prediction may take, from admission (body upload included) to "
+        10.0, description="Longest a prediction may take, from its start (body upload included) to "
                           "its answer; past it, 504.")
     drain_seconds: NonNegativeFloat = Field(
         0.0, description="After SIGTERM: readiness says 503 but requests are still served this long, "

@@ -27,3 +27,9 @@ def png(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels)
             + png_chunk(b"IEND", b""))
+
+
+def icon_holding(image: bytes) -> bytes:
+    """An ICO whose directory declares one 16x16 icon, stored as `image` (a PNG of any size)."""
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(image), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + image

@@ -15,7 +15,7 @@ from PIL import Image
 from contract import Preprocessing
 from service.errors import ImageTooComplex, ImageTooLarge, UndecodableImage, UnsupportedImageFormat
 from service.preprocess import decode, preprocess
-from tests.image_bombs import png, png_chunk, with_last_scan_repeated
+from tests.image_bombs import icon_holding, png, png_chunk, with_last_scan_repeated
 from tests.service_fixtures import IMAGENET, ONE_GRAY_LEVEL, encode, reference_tensor
 
 PREPROCESSING = Preprocessing(**IMAGENET)
@@ -120,10 +120,7 @@ def test_a_run_length_encoded_bmp_is_refused_before_decoding():
 
 
 def test_an_icon_that_declares_16x16_but_holds_a_64_megapixel_png_is_refused_before_decoding():
-    inner = png(8000, 8000)
-    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 6 + 16)  # says 16 x 16
-    icon = struct.pack("<HHH", 0, 1, 1) + entry + inner
-    assert "ICO" in refused_in(FAST, UnsupportedImageFormat, icon)
+    assert "ICO" in refused_in(FAST, UnsupportedImageFormat, icon_holding(png(8000, 8000)))
 
 
 @pytest.mark.parametrize("fmt", ["JPEG2000", "ICO", "AVIF", "PCX", "PPM", "QOI", "DDS", "EPS"])

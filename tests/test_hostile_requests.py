@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.service_fixtures import encode, ready_server, rss_bytes
-from tests.image_bombs import png, with_last_scan_repeated
+from tests.image_bombs import icon_holding, png, with_last_scan_repeated
 
 MODEL = "mobilenetv3_small"
 
@@ -28,6 +28,14 @@ def server(model_repository, tmp_path_factory):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
+
+
+def timed_with_rss(server, send) -> tuple[httpx.Response, float, int]:
+    """One request's answer, its seconds, and how much the server's RSS grew meanwhile."""
+    before = rss_bytes(server.process.pid)
+    started = time.perf_counter()
+    response = send()
+    return response, time.perf_counter() - started, rss_bytes(server.process.pid) - before
 
 
 def served_normally(client, photos) -> None:
@@ -48,12 +56,9 @@ def test_a_batch_of_1500_tiny_gifs_is_refused_before_any_is_decoded(server, clie
     header = json.dumps({"inputs": [{"name": "image", "shape": [1500], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(data)}}],
                          "outputs": [{"name": "logits", "parameters": {"classification": 5}}]}).encode()
-    before = rss_bytes(server.process.pid)
-    started = time.perf_counter()
-    response = client.post(f"/v2/models/{MODEL}/infer", content=header + data,
-                           headers={"Inference-Header-Content-Length": str(len(header))})
-    elapsed = time.perf_counter() - started
-    growth = rss_bytes(server.process.pid) - before
+    response, elapsed, growth = timed_with_rss(server, lambda: client.post(
+        f"/v2/models/{MODEL}/infer", content=header + data,
+        headers={"Inference-Header-Content-Length": str(len(header))}))
     print(f"\n{len(header + data) / 1000:.0f} KB body of 1500 GIFs: {response.status_code} after "
           f"{elapsed * 1000:.0f} ms, RSS +{growth / 2**20:.1f} MiB")
     assert response.status_code == 413 and response.json()["code"] == "too_many_images"
@@ -162,13 +167,8 @@ def test_a_scan_bomb_jpeg_is_refused_at_once_and_a_photo_beside_it_is_answered(s
 
 
 def test_an_icon_hiding_a_huge_png_is_refused_without_decoding_it(server, client, photos):
-    inner = png(13000, 13000)
-    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 6 + 16)  # says 16 x 16
-    icon = struct.pack("<HHH", 0, 1, 1) + entry + inner
-    before = rss_bytes(server.process.pid)
-    started = time.perf_counter()
-    response = client.put(f"/predict/{MODEL}", content=icon)
-    elapsed, growth = time.perf_counter() - started, rss_bytes(server.process.pid) - before
+    icon = icon_holding(png(13000, 13000))  # declares 16 x 16
+    response, elapsed, growth = timed_with_rss(server, lambda: client.put(f"/predict/{MODEL}", content=icon))
     print(f"\n{len(icon) / 1000:.0f} KB icon of a 169 MP PNG: {response.status_code} in "
           f"{elapsed * 1000:.0f} ms, RSS +{growth / 2**20:.1f} MiB")
     assert response.status_code == 415 and response.json()["code"] == "unsupported_image_format"

@@ -19,6 +19,7 @@ from PIL import Image
 
 from contract import Preprocessing
 from service.preprocess import preprocess
+from tests.image_bombs import png_chunk
 from tests.service_fixtures import encode, rss_bytes, ready_server
 
 MODEL = "mobilenetv3_small"
@@ -42,10 +43,6 @@ def client(server):
 
 
 # Inputs ------------------------------------------------------------------------------------------
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 @functools.cache
 def grayscale_png(width: int, height: int, rows: int) -> bytes:
     """A black 8-bit grayscale PNG declaring width x height; `rows` rows of pixel data are stored."""

@@ -158,9 +158,10 @@ def _json_numbers(given: RequestInput) -> np.ndarray:
     """JSON numbers as float32; booleans, strings and nulls are refused, not read as 1, 0 or NaN."""
     try:
         values = np.asarray(given.data, dtype=object).ravel()
-    except ValueError:  # ragged nesting
-        values = np.asarray([None], dtype=object)
-    if not set(map(type, values)) <= {int, float}:
+        numbers = set(map(type, values)) <= {int, float}
+    except ValueError:  # nesting numpy cannot shape
+        numbers = False
+    if not numbers:
         raise InvalidInferenceRequest(f"data of input {given.name!r} is not a (nested) list of "
                                       "numbers")
     with np.errstate(over="ignore"):  # a too large number becomes inf, refused by the caller
