@@ -1,5 +1,5 @@
 """ASGI layers around every request, one job each: request id and access log; body-size limit;
-metrics. Predictions are recognised by what their route tells (`service.auth.count_as_prediction`),
+metrics. Predictions are recognised by what their route tells (`service.auth.inference_request`),
 not by matching paths here."""
 import logging
 import os
