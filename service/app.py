@@ -19,7 +19,7 @@ from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestLog, RequestMetrics
-from service import status
+from service import page, status
 from service.protocols import open_inference, predict
 from service.settings import Settings
 
@@ -40,8 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     settings.request_timeout_seconds, metrics.registry)
     install_error_handlers(app)
     for router in (predict.router, open_inference.router, open_inference.inference_router,
-                   status.router):
+                   status.router, page.router):
         app.include_router(router)
+    app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request log sees every answer, the body limit only the app's reads.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics,

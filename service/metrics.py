@@ -29,6 +29,8 @@ class _ModelStats:
     errors: int = 0
     first: float | None = None
     last: float | None = None
+    statuses: dict[int, int] = field(default_factory=dict)
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # session.run calls per batch size
     stages: dict[str, deque] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +68,7 @@ class Metrics:
             stats = self._stats.setdefault(model, _ModelStats(self._window))
             stats.requests += 1
             stats.errors += status >= 400
+            stats.statuses[status] = stats.statuses.get(status, 0) + 1
             if status < 400:  # throughput counts answered predictions, not refusals
                 stats.first = stats.first or now
                 stats.last = now
@@ -76,6 +79,9 @@ class Metrics:
 
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model=model).observe(size)
+        with self._lock:
+            sizes = self._stats.setdefault(model, _ModelStats(self._window)).batch_sizes
+            sizes[size] = sizes.get(size, 0) + 1
 
     def observe_model(self, model: str, info: dict[str, str], load_ms: float | None,
                       warmup_ms: float | None) -> None:
@@ -89,19 +95,22 @@ class Metrics:
         return generate_latest(self.registry)
 
     def summary(self) -> dict:
-        """Per model: requests, errors, throughput and mean/p50/p90/p99 per stage in ms."""
+        """Per model: requests, answers by status, throughput, realised batch sizes and
+        mean/p50/p90/p95/p99 per stage in ms."""
         with self._lock:
-            snapshot = {m: (s.requests, s.errors, s.first, s.last,
-                            {k: list(v) for k, v in s.stages.items()})
+            snapshot = {m: (s.requests, s.errors, s.first, s.last, dict(s.statuses),
+                            dict(s.batch_sizes), {k: list(v) for k, v in s.stages.items()})
                         for m, s in sorted(self._stats.items())}
         models = {}
-        for model, (requests, errors, first, last, stages) in snapshot.items():
+        for model, (requests, errors, first, last, statuses, batches, stages) in snapshot.items():
             span = (last - first) if first is not None and last is not None else 0.0
             ok = requests - errors
             models[model] = {
                 "requests": requests,
                 "errors": errors,
+                "statuses": {str(code): n for code, n in sorted(statuses.items())},
                 "throughput_rps": round((ok - 1) / span, 2) if ok > 1 and span > 0 else None,
+                "batch_sizes": {str(size): n for size, n in sorted(batches.items())},
                 "stages_ms": {stage: _percentiles(values) for stage, values in stages.items() if values},
             }
         return {"window": self._window, "process_rss_bytes": process_rss_bytes(), "models": models}
@@ -137,6 +146,6 @@ def process_rss_bytes() -> int | None:
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     array = np.asarray(values)
-    p50, p90, p99 = np.percentile(array, [50, 90, 99])
+    p50, p90, p95, p99 = np.percentile(array, [50, 90, 95, 99])
     return {"count": len(values), "mean": round(float(array.mean()), 3), "p50": round(float(p50), 3),
-            "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+            "p90": round(float(p90), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}

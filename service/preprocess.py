@@ -277,6 +277,17 @@ def to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     return x
 
 
+def to_picture(tensor: np.ndarray, preprocessing: Preprocessing) -> Image.Image:
+    """The inverse of `to_tensor`'s normalisation: one (3, H, W) input as the RGB picture the model
+    saw, resized and cropped, to show a person."""
+    p = preprocessing
+    levels = (tensor * np.asarray(p.std, np.float32)[:, None, None]
+              + np.asarray(p.mean, np.float32)[:, None, None]) * p.scale
+    if p.color == "BGR":
+        levels = levels[::-1]
+    return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
 @lru_cache(maxsize=64)
 def _normalisation_table(scale: float, mean: tuple[float, float, float],
                          std: tuple[float, float, float]) -> np.ndarray:

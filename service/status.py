@@ -45,14 +45,17 @@ class StageStats(BaseModel):
     mean: float
     p50: float
     p90: float
+    p95: float
     p99: float
 
 
 class ModelStats(BaseModel):
     requests: int
     errors: int
+    statuses: dict[str, int] = Field(description="Answers by HTTP status, e.g. 503 for shed load.")
     throughput_rps: float | None = Field(
         description="Successful predictions per second between the first and the last of them.")
+    batch_sizes: dict[str, int] = Field(description="session.run calls by realised batch size.")
     stages_ms: dict[str, StageStats]
 
 

@@ -1,11 +1,13 @@
 """Helpers for the service tests: image variants made from the test photos, and a real server process."""
 import io
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pytest
 from PIL import Image
 
 # The one implementation of these, shared with the bench; the tests import them from here.
@@ -71,3 +73,18 @@ def copy_repository(source: Path, target: Path, *models: str) -> Path:
     for name in models or [p.name for p in source.iterdir()]:
         shutil.copytree(source / name, target / name)
     return target
+
+
+def unavailable(reason: str) -> None:
+    """Skip a test whose tool is missing here; under CI (CI=true) fail it: CI must run it."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI needs this test to run: {reason}")
+    pytest.skip(reason)
+
+
+def required_tool(*names: str) -> str:
+    """The path of the first of `names` on PATH, or `unavailable`."""
+    for name in names:
+        if path := shutil.which(name):
+            return path
+    unavailable(f"{' or '.join(names)} is not installed")

@@ -1,6 +1,8 @@
 """A user's view of the service: a real `python -m service` over all seven exported models, real HTTP."""
 import asyncio
+import base64
 import hashlib
+import io
 import json
 import re
 
@@ -13,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contract import Preprocessing
 from service.preprocess import preprocess
-from tests.service_fixtures import copy_repository, encode, rss_bytes, running_server
+from tests.service_fixtures import (IMAGENET, assert_matches_reference, copy_repository, encode, rss_bytes,
+                                    running_server)
 
 MAX_BODY_BYTES = 2_000_000
 MAX_IMAGE_PIXELS = 20_000_000
@@ -78,6 +81,22 @@ def test_the_three_upload_styles_users_try_give_the_same_answer(client, photos):
     bodies = [r.json() for r in answers]
     assert all(b["predictions"] == bodies[0]["predictions"] for b in bodies)
     assert bodies[0]["image"] == {"width": 451, "height": 300, "format": "JPEG"}
+
+
+def test_input_image_returns_the_crop_the_model_saw(client, photos):
+    plain = client.post("/predict/mobilenetv2", content=photos["chelsea"].read_bytes()).json()
+    assert "input_image" not in plain
+    body = client.post("/predict/mobilenetv2", params={"input_image": "true"},
+                       content=photos["chelsea"].read_bytes()).json()
+    prefix = "data:image/png;base64,"
+    assert body["input_image"].startswith(prefix)
+    seen = Image.open(io.BytesIO(base64.b64decode(body["input_image"][len(prefix):])))
+    assert seen.size == (224, 224) and seen.mode == "RGB"
+    # Normalised again, it is the reference tensor: the picture is the model's input, not the photo.
+    p = IMAGENET
+    tensor = ((np.asarray(seen, np.float32) / p["scale"] - p["mean"]) / p["std"]).transpose(2, 0, 1)[None]
+    assert_matches_reference(tensor.astype(np.float32), Image.open(photos["chelsea"]).convert("RGB"))
+    assert [p["class_id"] for p in body["predictions"]] == [p["class_id"] for p in plain["predictions"]]
 
 
 def test_a_prediction_names_the_model_its_weights_and_times_every_stage(client, photos):
@@ -207,12 +226,20 @@ def test_the_latency_comparison_comes_as_json_and_as_a_table(client, photos):
     stats = by_accept.json()["models"]["mobilenetv3_small"]
     assert stats["requests"] >= 4 and stats["errors"] == 0 and stats["throughput_rps"] > 0
     total = stats["stages_ms"]["total"]
-    assert total["count"] >= 4 and 0 < total["p50"] <= total["p90"] <= total["p99"]
+    assert total["count"] >= 4 and 0 < total["p50"] <= total["p90"] <= total["p95"] <= total["p99"]
 
     table = client.get("/metrics", params={"format": "table"}).text
     row = next(line for line in table.splitlines() if line.startswith("mobilenetv3_small"))
     assert row.split()[:3] == ["mobilenetv3_small", str(stats["requests"]), "0"]
     assert table.splitlines()[0].split()[:4] == ["model", "requests", "errors", "req/s"]
+
+    # Refusals by status (a 503 is shed load) and the realised batch sizes, for the page.
+    assert client.put("/predict/mobilenetv3_small", params={"top_k": 0}, content=image).status_code == 422
+    stats = client.get("/metrics", params={"format": "json"}).json()["models"]["mobilenetv3_small"]
+    assert stats["statuses"]["200"] >= 4 and stats["statuses"]["422"] >= 1
+    assert sum(stats["statuses"].values()) == stats["requests"]
+    runs = stats["batch_sizes"]  # session.run calls by batch size: every image was in one
+    assert sum(int(size) * n for size, n in runs.items()) >= stats["statuses"]["200"]
 
 
 def test_each_request_leaves_one_log_line_with_model_status_and_timings(client, server, photos):

@@ -1,4 +1,6 @@
 """`POST /predict/{model}`: one image in (multipart field `file`, or the raw body), top-k classes out."""
+import base64
+import io
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Query, Request, Response
@@ -12,6 +14,7 @@ from service.errors import (ErrorBody, MissingFileField, TooManyFiles, TopKOutOf
                             UnsupportedMediaType)
 from service.lifecycle import Inputs, Result
 from service.postprocess import top_k as best_classes
+from service.preprocess import to_picture
 
 RAW_IMAGE_TYPES = ("", "application/octet-stream")
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
@@ -56,6 +59,9 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
     image: ImageInfo
     timings_ms: Timings
+    input_image: str | None = Field(
+        None, description="Only with ?input_image=true: what the model saw (resized, cropped, its "
+                          "normalisation undone) as a PNG data URL.")
 
 
 def weights_info(meta: ModelMetadata) -> WeightsInfo:
@@ -68,6 +74,7 @@ def weights_info(meta: ModelMetadata) -> WeightsInfo:
 class PredictAdapter:
     top_k: int | None
     default_top_k: int
+    input_image: bool = False
     parses_body = False
 
     async def read(self, request: Request) -> bytes:
@@ -98,9 +105,17 @@ class PredictAdapter:
         body = PredictResponse(model=model.name, weights=weights_info(model.metadata), predictions=predictions,
                                image=ImageInfo(width=image.width, height=image.height,
                                                format=image.format),
-                               timings_ms=Timings(**result.timings))
+                               timings_ms=Timings(**result.timings),
+                               input_image=_data_url(image.tensor[0], model) if self.input_image else None)
         # Serialised here, once, by pydantic's own encoder; response_model still documents it.
-        return Response(body.model_dump_json(), media_type="application/json")
+        return Response(body.model_dump_json(exclude=None if self.input_image else {"input_image"}),
+                        media_type="application/json")
+
+
+def _data_url(tensor, model: ServedModel) -> str:
+    buffer = io.BytesIO()
+    to_picture(tensor, model.metadata.preprocessing).save(buffer, "PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 router = APIRouter(tags=["predict"], dependencies=INFERENCE_DEPENDENCIES)
@@ -108,9 +123,11 @@ router = APIRouter(tags=["predict"], dependencies=INFERENCE_DEPENDENCIES)
 
 async def predict(model: str, request: Request,
                   top_k: int | None = Query(None, description="How many classes to return "
-                                            "(1 .. the model's class count); default TOP_K.")
+                                            "(1 .. the model's class count); default TOP_K."),
+                  input_image: bool = Query(False, description="Also return the image as the model "
+                                            "saw it (resized and cropped), as a PNG data URL.")
                   ) -> Response:
-    adapter = PredictAdapter(top_k, request.app.state.settings.top_k)
+    adapter = PredictAdapter(top_k, request.app.state.settings.top_k, input_image)
     return await request.app.state.lifecycle.handle(request, model, adapter)
 
 

@@ -1,0 +1,223 @@
+"""The comparison page at `/`, in a real headless Chromium (Debian's `chromium` and `chromium-driver`)
+driven by Selenium, against a real server: every model listed, a photo through every model with the
+same top-1 as `/predict`, live charts with data, nothing loaded from elsewhere, no console errors,
+usable at phone width and with 40 models, and the API key asked for once.
+
+The screenshots are saved under `test-artifacts/` (ignored by git) for a person to look at.
+"""
+import json
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from contract import METADATA_FILE
+from tests.service_fixtures import ready_server, required_tool
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+PAGE_BUDGET_BYTES = 300_000
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def server(model_repository, tmp_path_factory):
+    with ready_server(model_repository, tmp_path_factory.mktemp("page")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def served(server) -> list[dict]:
+    return httpx.get(f"{server.url}/models").json()["models"]
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = required_tool("chromium", "chromium-browser")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                     "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                     "--disable-sync", "--disable-extensions",
+                     # Any name the page asked for would fail to resolve, and show in the log below.
+                     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    service = ChromeService(executable_path=required_tool("chromedriver"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    yield driver
+    driver.quit()
+
+
+def wait_until(driver, condition, what: str, timeout: float = WAIT_S):
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d))
+    except TimeoutException:
+        raise AssertionError(f"the page did not show {what} within {timeout} s") from None
+
+
+def open_page(driver, server, models: int) -> None:
+    driver.get(f"{server.url}/")
+    wait_until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models tbody tr[data-model]")) == models,
+               f"{models} model rows")
+
+
+def upload(driver, photo: Path, models: int) -> dict[str, dict]:
+    """Send a photo through the page; each model's card, once every card is done."""
+    driver.find_element(By.ID, "file").send_keys(str(photo))
+    done = "#results .card[data-done='true']"
+    wait_until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == models,
+               f"a result for each of the {models} models")
+    return {card.get_attribute("data-model"): card for card in driver.find_elements(By.CSS_SELECTOR, done)}
+
+
+def screenshot(driver, name: str) -> Path:
+    """The whole page: the window is made as tall as the page first."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(driver.get_window_size()["width"], min(height + 140, 8000))
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def requested_urls(driver) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def test_the_page_lists_every_model_with_its_facts(browser, server, served):
+    open_page(browser, server, len(served))
+    for model in served:
+        row = browser.find_element(By.CSS_SELECTOR, f"#models tr[data-model='{model['name']}']")
+        text = row.text
+        assert model["metadata"]["architecture"] in text
+        assert "ready" in text
+        crop = model["metadata"]["preprocessing"]["crop"]
+        assert f"{crop}×{crop}" in text
+        if model["metadata"]["weights"]["kind"] == "random":
+            assert "random weights" in text.lower() and "meaningless" in text, text
+
+
+def test_a_photo_through_the_page_gets_each_models_top1_from_predict(browser, server, served, photos):
+    open_page(browser, server, len(served))
+    cards = upload(browser, photos["chelsea"], len(served))
+    for model in served:
+        expected = httpx.post(f"{server.url}/predict/{model['name']}",
+                              files={"file": photos["chelsea"].read_bytes()}).json()["predictions"][0]
+        card = cards[model["name"]]
+        top1 = card.find_element(By.CSS_SELECTOR, "li.top1")
+        assert int(top1.get_attribute("data-class-id")) == expected["class_id"], model["name"]
+        assert expected["label"] in top1.text
+        assert len(card.find_elements(By.CSS_SELECTOR, "li")) == 5
+        stages = [s.get_attribute("data-stage") for s in card.find_elements(By.CSS_SELECTOR, ".timings span")]
+        assert stages == ["decode", "preprocess", "queue", "inference", "total"]
+        # The thumbnail is what the model saw: its crop, not the photo.
+        seen = card.find_element(By.CSS_SELECTOR, ".seen img")
+        size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", seen)
+        crop = model["metadata"]["preprocessing"]["crop"]
+        assert size == [crop, crop], model["name"]
+
+
+def test_after_traffic_the_charts_have_data_and_nothing_left_loopback(browser, server, served, photos):
+    open_page(browser, server, len(served))
+    upload(browser, photos["coffee"], len(served))
+    names = sorted(m["name"] for m in served)
+
+    def charted(d):
+        return d.execute_script("""
+            const c = window.cnnServe.charts;
+            if (!c.time || !c.macs) return null;
+            return {time: c.time.series.slice(1).map((s, i) => [s.label, c.time.data[i + 1].filter(v => v !== null).length]),
+                    macs: c.macs.data[0].length, rows: document.querySelectorAll('#latency tbody tr[data-model]').length};
+        """)
+
+    wait_until(browser, lambda d: (c := charted(d)) and c["macs"] == len(names) and c["rows"] == len(names)
+               and all(n > 0 for _, n in c["time"]), "charts with a point per model")
+    chart = charted(browser)
+    assert [label for label, _ in chart["time"]] == names
+    screenshot(browser, "comparison-page.png")
+
+    urls = requested_urls(browser)
+    assert any(u.endswith("/static/page.js") for u in urls)  # the log really holds the page's requests
+    outside = [u for u in urls if urlsplit(u).scheme not in ("data", "blob") and urlsplit(u).hostname != "127.0.0.1"]
+    assert outside == []
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == [], severe
+
+
+def test_the_page_is_small_and_renders_fast(browser, server, served):
+    open_page(browser, server, len(served))
+    weight, first_paint = browser.execute_script("""
+        const own = performance.getEntriesByType('resource').filter(e => e.initiatorType !== 'fetch');
+        const page = performance.getEntriesByType('navigation')[0];
+        const paint = performance.getEntriesByName('first-contentful-paint')[0];
+        return [[page, ...own].reduce((sum, e) => sum + e.encodedBodySize, 0), paint ? paint.startTime : null];
+    """)
+    print(f"page weight {weight} bytes, first contentful paint {first_paint:.0f} ms")
+    assert 50_000 < weight < PAGE_BUDGET_BYTES  # uPlot alone is about 51 KB: the sum is real
+    assert first_paint is not None
+
+
+@pytest.mark.parametrize("width", [390, 1400])
+def test_no_horizontal_scroll_at_phone_or_desktop_width(browser, server, served, photos, width):
+    browser.set_window_size(width, 900)
+    open_page(browser, server, len(served))
+    upload(browser, photos["chelsea"], len(served))
+    overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0
+    if width < 500:
+        screenshot(browser, "comparison-page-phone.png")
+
+
+def test_the_services_error_message_is_shown_for_a_file_it_refuses(browser, server, served, tmp_path):
+    fake = tmp_path / "not-a-photo.png"
+    fake.write_bytes(b"these bytes are not an image")
+    open_page(browser, server, len(served))
+    cards = upload(browser, fake, len(served))
+    expected = httpx.post(f"{server.url}/predict/{served[0]['name']}", files={"file": fake.read_bytes()}).json()
+    for card in cards.values():
+        error = card.find_element(By.CSS_SELECTOR, ".error").text
+        assert expected["error"] in error and expected["code"] in error
+
+
+def test_with_an_api_key_the_page_asks_once_then_predicts(browser, model_repository, tmp_path, photos):
+    with ready_server(model_repository, tmp_path, "effnet", API_KEY="page-test-key") as keyed:
+        open_page(browser, keyed, 1)
+        browser.find_element(By.ID, "file").send_keys(str(photos["chelsea"]))
+        dialog = browser.find_element(By.ID, "key-dialog")
+        wait_until(browser, lambda d: dialog.is_displayed(), "the API key dialog")
+        browser.find_element(By.ID, "key").send_keys("page-test-key")
+        browser.find_element(By.ID, "key-use").click()
+        wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-done='true'] li.top1"),
+                   "a prediction after the key was given")
+        browser.find_element(By.ID, "file").send_keys(str(photos["coffee"]))  # asked once only
+        wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-done='true'] li.top1")
+                   and "coffee" in d.find_element(By.ID, "photo-caption").text, "a second prediction")
+        assert not dialog.is_displayed()
+
+
+def test_forty_models_fit_the_page(browser, model_repository, tmp_path, photos):
+    repository = tmp_path / "forty"
+    for i in range(40):
+        folder = repository / f"effnet_{i:02d}"
+        shutil.copytree(model_repository / "effnet", folder)
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+        (folder / METADATA_FILE).write_text(json.dumps({**metadata, "name": folder.name}))
+    with ready_server(repository, tmp_path / "run") as many:
+        browser.set_window_size(1280, 900)
+        open_page(browser, many, 40)
+        upload(browser, photos["chelsea"], 40)
+        assert browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth") <= 0
+        screenshot(browser, "comparison-page-40-models.png")
