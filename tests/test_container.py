@@ -9,6 +9,7 @@ a machine without a registry). Outside CI the test skips when no engine answers;
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -22,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import EXPORT_COMMAND
-from tests.service_fixtures import free_port
+from tests.service_fixtures import free_port, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "cnn-serve:test"
@@ -32,12 +33,6 @@ MODELS = ["effnet", "mobilenetv1", "mobilenetv2", "mobilenetv3_large", "mobilene
 BUILD_TIMEOUT_S = 1800
 WHEEL_PORT = 38541
 HEALTHY_TIMEOUT_S = 240
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI needs the container test to run: {reason}")
-    pytest.skip(reason)
 
 
 def run(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
@@ -176,6 +171,13 @@ def test_metrics_count_the_requests_of_every_model(stack, photos):
     table = httpx.get(f"{stack.url}/metrics", params={"format": "table"}, timeout=10)
     assert table.status_code == 200
     assert all(model in table.text for model in MODELS)
+
+
+def test_the_image_serves_the_comparison_page_and_its_assets(stack):
+    page = httpx.get(f"{stack.url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text):
+        assert httpx.get(f"{stack.url}{asset}", timeout=10).status_code == 200, asset
 
 
 def test_the_container_runs_as_a_non_root_user_without_torch(stack):

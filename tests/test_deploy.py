@@ -20,6 +20,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.service_fixtures import unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "cnn-serve.json"
@@ -64,9 +66,7 @@ def test_docker_compose_accepts_the_file_with_the_monitoring_profile():
     elif shutil.which("docker"):
         command = ["docker", "compose"]
     else:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI needs docker-compose to validate docker-compose.yml")
-        pytest.skip("docker-compose is not installed")
+        unavailable("docker-compose is not installed: it validates docker-compose.yml")
     result = subprocess.run([*command, "-f", "docker-compose.yml", "--profile", "monitoring", "config", "-q"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
