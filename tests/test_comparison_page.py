@@ -72,8 +72,9 @@ def upload(driver, photo: Path, models: int) -> dict[str, dict]:
     """Send a photo through the page; each model's card, once every card is done."""
     driver.find_element(By.ID, "file").send_keys(str(photo))
     done = "#results .card[data-done='true']"
-    wait_until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == models,
-               f"a result for each of the {models} models")
+    wait_until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == models and d.execute_script(
+        "return [...document.querySelectorAll('#results img')].every(i => i.complete)"),
+        f"a result for each of the {models} models")
     return {card.get_attribute("data-model"): card for card in driver.find_elements(By.CSS_SELECTOR, done)}
 
 
