@@ -41,7 +41,7 @@ def kustomize(variant: str) -> list[dict]:
     kubectl = required_tool("kubectl")
     built = subprocess.run([kubectl, "kustomize", str(KUBERNETES / variant)], capture_output=True,
                            text=True, timeout=60)
-    if built.returncode != 0:  # kubectl before 1.21 (Debian's 1.20) cannot build folders of folders
+    if built.returncode != 0:  # Debian's kubectl 1.20 cannot build folders of folders
         version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True)
         pytest.fail(f"{version.stdout.strip()}: {built.stderr}")
     return [doc for doc in yaml.safe_load_all(built.stdout) if doc]
