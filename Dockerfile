@@ -43,7 +43,8 @@ FROM python:3.11-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=requirements /requirements/runtime.txt /tmp/
 RUN python -m pip install -r /tmp/runtime.txt && rm /tmp/runtime.txt
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin cnn-serve
+RUN groupadd --system --gid 10001 cnn-serve \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cnn-serve
 WORKDIR /app
 # The service reads the model repository through the same contract package.
 COPY contract ./contract
@@ -52,7 +53,8 @@ COPY service ./service
 COPY --from=export /models /models
 COPY --from=export /export-command.txt ./
 ENV MODEL_REPOSITORY=/models HOST=0.0.0.0 PORT=8000
-USER cnn-serve
+# Numeric: Kubernetes checks `runAsNonRoot` against the image's user only when it is a number.
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=5s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('PORT', '8000'), timeout=2)"]

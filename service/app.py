@@ -65,9 +65,12 @@ async def _lifespan(app: FastAPI):
     app.state.engine = engine
     app.state.lifecycle = Lifecycle(engine, app.state.admission, settings)
     started = time.perf_counter()
+    # Every model is in /metrics from the start: as "loading", and with the series alerts divide by.
+    metrics.expect_models(engine.models)
+    _publish_models(engine, metrics)
     # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
     loading = asyncio.create_task(asyncio.to_thread(_load, engine))
-    loading.add_done_callback(lambda _: _publish_models(engine, metrics, started))
+    loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
     yield
     app.state.draining = True  # also when run by plain uvicorn, which has no drain phase
     await loading
@@ -80,7 +83,7 @@ def _load(engine: Engine) -> None:
     engine.load_all()
 
 
-def _publish_models(engine: Engine, metrics: Metrics, started: float) -> None:
+def _publish_models(engine: Engine, metrics: Metrics) -> None:
     for state in engine.models.values():
         meta, served = state.folder.metadata, state.served
         metrics.observe_model(state.name, {
@@ -88,6 +91,10 @@ def _publish_models(engine: Engine, metrics: Metrics, started: float) -> None:
             "weights": meta.weights.kind if meta else "",
             "execution_provider": served.execution_provider if served else ""},
             served.load_ms if served else None, served.warmup_ms if served else None)
+
+
+def _loaded(engine: Engine, metrics: Metrics, started: float) -> None:
+    _publish_models(engine, metrics)
     ready = sum(m.status == "ready" for m in engine.models.values())
     log.info("%d of %d models ready %.2f s after start-up began", ready, len(engine.models),
              time.perf_counter() - started)

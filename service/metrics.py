@@ -4,11 +4,14 @@ Both views come from the same `observe_request` call: the Prometheus histograms 
 aggregation, and a window of the most recent per-stage timings per model for exact percentiles
 as JSON or a terminal table. Each app gets its own registry, so several apps can live in a process.
 """
+import math
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -20,6 +23,12 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
                    0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 UNKNOWN_MODEL = "_unknown"  # label for requests naming no served model, so labels stay bounded
+# The statuses the alert rules (deploy/prometheus/alerts.yml) divide by.
+ALERTED_STATUSES = ("200", "500", "503", "504")
+# Where a container's memory limit is read: cgroup v2, then v1 (which writes "none" as about 2**63).
+CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
+                        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+NO_MEMORY_LIMIT_ABOVE = 2 ** 60
 
 
 @dataclass
@@ -56,9 +65,20 @@ class Metrics:
         self.model_startup_seconds = Gauge("cnn_serve_model_startup_seconds",
                                            "Session creation (load) and warm-up time",
                                            ["model", "phase"], registry=self.registry)
+        Gauge("cnn_serve_memory_limit_bytes", "Memory limit of the process's cgroup (a container's "
+              "limit); +Inf without one", registry=self.registry).set(memory_limit_bytes())
         self._window = window
         self._stats: dict[str, _ModelStats] = {}
         self._lock = threading.Lock()
+
+    def expect_models(self, models: Iterable[str]) -> None:
+        """Create each model's series at zero before its first request: a series born at its first
+        requests hides them from rate(), so a short burst never reaches a dashboard or an alert."""
+        for model in models:
+            for status in ALERTED_STATUSES:
+                self.requests.labels(model=model, status=status)
+            for stage in STAGES:
+                self.stage_seconds.labels(model=model, stage=stage)
 
     def observe_request(self, model: str, status: int, timings_ms: dict[str, float] | None) -> None:
         """Record one finished prediction request; timings only for successful ones."""
@@ -142,6 +162,18 @@ def process_rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def memory_limit_bytes(files: Iterable[Path] = CGROUP_MEMORY_LIMITS) -> float:
+    """The memory limit of the cgroup this process runs in (in a container, the container's);
+    infinity where there is none or it cannot be read."""
+    for path in files:
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        return float(value) if value.isdigit() and int(value) < NO_MEMORY_LIMIT_ABOVE else math.inf
+    return math.inf
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

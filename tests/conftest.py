@@ -23,3 +23,10 @@ def model_repository(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Path]:
     return {p.stem: p for p in sorted(DATA.glob("*.jpg"))}
+
+
+def report(request: pytest.FixtureRequest, tag: str, line: str) -> None:
+    """Print a measurement past pytest's capture, so CI logs show it; measurements are printed,
+    never asserted."""
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n[{tag}] {line}", flush=True)

@@ -87,4 +87,4 @@ def required_tool(*names: str) -> str:
     for name in names:
         if path := shutil.which(name):
             return path
-    unavailable(f"{' or '.join(names)} is not installed")
+    unavailable(f"`{' or '.join(names)}` is not installed (Debian: see .ci/run)")

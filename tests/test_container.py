@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import EXPORT_COMMAND
+from conftest import EXPORT_COMMAND, report
 from tests.service_fixtures import free_port, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +45,6 @@ def compose_command() -> list[str]:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     unavailable("neither `docker compose` nor `docker-compose` is installed")
-
-
-def report(request: pytest.FixtureRequest, line: str) -> None:
-    # Measurements are printed, never asserted; written past the capture so CI logs show them.
-    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        print(f"\n[container] {line}", flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def image(request, wheel_server) -> str:
                 timeout=BUILD_TIMEOUT_S, env={**os.environ, "DOCKER_BUILDKIT": "0"})
     assert build.returncode == 0, f"docker build failed:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
     size = int(run("docker", "image", "inspect", "-f", "{{.Size}}", IMAGE).stdout)
-    report(request, f"docker build: {time.monotonic() - start:.1f} s, runtime image {size / 1e6:.0f} MB")
+    report(request, "container", f"docker build: {time.monotonic() - start:.1f} s, runtime image {size / 1e6:.0f} MB")
     return IMAGE
 
 
@@ -114,7 +108,7 @@ def stack(request, image) -> Iterator[Stack]:
             time.sleep(1)
         logs = run(*compose, "logs", "--no-color", "--tail", "60", env=env).stdout
         assert status == "healthy", f"container is {status!r} after {HEALTHY_TIMEOUT_S} s:\n{logs}"
-        report(request, f"compose up -> healthy: {time.monotonic() - start:.1f} s")
+        report(request, "container", f"compose up -> healthy: {time.monotonic() - start:.1f} s")
         yield Stack(url=f"http://127.0.0.1:{port}", compose=[*compose])
     finally:
         run(*compose, "down", "-t", "1", "-v", env=env)
