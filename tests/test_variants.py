@@ -14,7 +14,7 @@ import torch
 
 from model_defs.macs import count_macs, count_params
 from model_defs.photos import CALIBRATION_DIR, HELD_OUT_DIR, photo_tensor, photos_in
-from model_defs.variants import choose
+from model_defs.variants import UnknownModelName, choose
 from model_defs.weights import build_with_weights
 from service.preprocess import preprocess
 from tests.service_fixtures import running_server
@@ -81,21 +81,28 @@ def test_the_default_names_still_mean_the_seven_defaults():
 
 @pytest.mark.parametrize("name, fragments", [
     ("resnet50", ["unknown model resnet50", "mobilenetv1_<alpha>_<resolution>", "shufflenetv1_g<groups>_<scale>x",
-                  "_int8", "128|160|192|224"]),
+                  "_int8", "128|160|192|224", "mobilenetv3_small"]),
     ("mobilenetv1_0.3_160", ["mobilenetv1_0.3_160", "alpha 0.3", "0.25, 0.5, 0.75, 1.0"]),
     ("mobilenetv2_1.0_100", ["resolution 100", "96, 128, 160, 192, 224"]),
+    ("mobilenetv3_large_0.5", ["alpha 0.5", "0.75, 1.0"]),
     ("shufflenetv1_g5_1.0x", ["groups 5", "1, 2, 3, 4, 8"]),
     ("shufflenetv2_3.0x", ["scale 3.0", "0.5, 1.0, 1.5, 2.0"]),
     ("mobilenetv3_medium_1.0", ["unknown model mobilenetv3_medium_1.0", "mobilenetv3_small_<alpha>"]),
-    ("mobilenetv2_int8_int8", ["unknown model mobilenetv2_int8_int8"]),
+    ("mobilenetv2_int8_int8", ["unknown model mobilenetv2_int8_int8", "mobilenetv2_<alpha>_<resolution>"]),
 ])
-def test_a_name_outside_the_grammar_is_refused_showing_the_valid_values(tmp_path, name, fragments):
-    result = run_export("--out", str(tmp_path / "repo"), "--models", f"effnet,{name}")
+def test_a_name_outside_the_grammar_is_refused_showing_the_valid_values(name, fragments):
+    with pytest.raises(UnknownModelName) as refused:
+        choose(name)
+    for fragment in fragments:
+        assert fragment in str(refused.value)
+
+
+def test_the_cli_refuses_a_bad_name_in_one_line_with_a_non_zero_exit_and_writes_nothing(tmp_path):
+    result = run_export("--out", str(tmp_path / "repo"), "--models", "effnet,mobilenetv1_0.3_160")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
-    for fragment in fragments:
-        assert fragment in line
+    assert "mobilenetv1_0.3_160" in line and "alpha 0.3 is not one of 0.25, 0.5, 0.75, 1.0" in line
     assert not (tmp_path / "repo").exists() or list((tmp_path / "repo").iterdir()) == []
 
 
