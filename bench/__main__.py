@@ -9,7 +9,8 @@ the photo (stopped early at `--time-limit` seconds), from one keep-alive connect
 Beside each model it times bare onnxruntime `session.run` on the same model file with the same
 threads, so the server's overhead reads as a ratio. `--baseline` also starts the plain FastAPI app
 of `bench.baseline` on the same repository and measures it in the same run.
-Results go to `--out` as bench.json and bench.png.
+Results go to `--out` as bench.json and bench.png, and tradeoff.png: each served model's latency
+against its MACs and parameters (the papers' trade-off plot), also printed as a table.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from bench.measure import SETTLE_S, BenchError, measure, targets
 from bench.report import Results, text, write_chart
 from bench.servers import ServerFailed
+from bench.tradeoff import write_tradeoff_chart
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     (args.out / "bench.json").write_text(json.dumps(asdict(results), indent=2), encoding="utf-8")
     write_chart(results.cells, args.out / "bench.png")
+    write_tradeoff_chart(results.tradeoff, args.out / "tradeoff.png")
     print(text(results, SETTLE_S))
-    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    print(f"\nwrote {args.out / 'bench.json'}, {args.out / 'bench.png'} and {args.out / 'tradeoff.png'}")
     return 0
 
 

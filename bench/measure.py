@@ -20,6 +20,7 @@ from bench.load import Cell, drive, multipart_request, summarise
 from bench.report import Results, ServerSummary, comparisons, ms
 from bench.servers import (ServerProcess, answers_200, cpu_seconds, http_get, rss_bytes, running,
                            running_service, wait_for)
+from bench.tradeoff import served_metadata, tradeoff_points
 from service.settings import available_cores
 
 READY_TIMEOUT_S = 120.0
@@ -158,6 +159,7 @@ def summaries(servers: list[Target]) -> list[ServerSummary]:
 
 def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: list[Target]) -> Results:
     cells, bare = [], []
+    metadata = served_metadata(servers[0].host, servers[0].port)
     for model in models:
         bare_here = bare_runs(args, image, model, servers)
         bare += bare_here
@@ -171,4 +173,5 @@ def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: 
                   "warmup": args.warmup, "time_limit_s": args.time_limit, "url": args.url},
         bare_session_run=bare, servers=summaries(servers), cells=cells,
         service_vs_baseline=comparisons(cells),
+        tradeoff=tradeoff_points(cells, metadata, servers[0].name),
     )

@@ -2,13 +2,14 @@
 servers' start-up and memory, and the chart."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bench.bare import BareRun
 from bench.load import Cell
+from bench.tradeoff import TradeoffPoint, tradeoff_table
 
 COLUMNS = ("server", "model", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
            "threads", "bare p50 ms", "p50/bare", "prep p50 ms", "server CPU ms/req")
@@ -152,6 +153,7 @@ class Results:
     servers: list[ServerSummary]
     cells: list[Cell]
     service_vs_baseline: list[Comparison]
+    tradeoff: list[TradeoffPoint] = field(default_factory=list)  # one point per served model
 
 
 def text(results: Results, settle_s: float) -> str:
@@ -161,6 +163,8 @@ def text(results: Results, settle_s: float) -> str:
         lines.append("* stopped by --time-limit before all --requests were sent")
     if results.service_vs_baseline:
         lines += ["", format_table(VERSUS_COLUMNS, [versus_row(v) for v in results.service_vs_baseline])]
+    if results.tradeoff:
+        lines += ["", "The trade-off, one point per served model (tradeoff.png):", tradeoff_table(results.tradeoff)]
     lines.append("")
     for server in results.servers:
         if server.started_here:

@@ -9,6 +9,7 @@ standard library, so the exporter (PyTorch) and the service (onnxruntime) can bo
 from contract.metadata import (LABELS_FILE, METADATA_FILE, MODEL_FILE, RANDOM_WEIGHTS_NOTE, SCHEMA_VERSION,
                                InputSpec, Labels, ModelMetadata, ModelStatus, OnnxFile, OutputSpec, Paper,
                                Preprocessing, Weights, WeightsKind)
+from contract.metadata import CalibrationSet, Drift, Quantization
 from contract.repository import (ModelFolder, ModelLoadError, RepositoryNotFound, discover, read_labels,
                                  read_metadata, sha256_of, verify, write_metadata)
 
@@ -16,6 +17,7 @@ __all__ = [
     "SCHEMA_VERSION", "METADATA_FILE", "MODEL_FILE", "LABELS_FILE", "RANDOM_WEIGHTS_NOTE",
     "ModelStatus", "WeightsKind",
     "Preprocessing", "Paper", "OnnxFile", "InputSpec", "OutputSpec", "Labels", "Weights", "ModelMetadata",
+    "CalibrationSet", "Drift", "Quantization",
     "RepositoryNotFound", "ModelLoadError", "ModelFolder",
     "discover", "read_metadata", "write_metadata", "verify", "read_labels", "sha256_of",
 ]

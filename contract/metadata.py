@@ -78,6 +78,35 @@ class Weights(BaseModel):
     note: str | None = Field(None, description="Says plainly when predictions are meaningless.")
 
 
+class CalibrationSet(BaseModel):
+    photos: list[str] = Field(description="File names of the photos the activation ranges were measured on.")
+    method: str = Field(description="How the ranges were set from them (onnxruntime's calibration method).")
+
+
+class Drift(BaseModel):
+    """How far the INT8 model's answers are from the FP32 model's, on photos kept out of calibration."""
+
+    photos: list[str] = Field(description="File names of the held-out photos.")
+    top1_agreement: float = Field(ge=0, le=1, description="Share of the photos whose top-1 class is the FP32 one.")
+    top5_overlap: float = Field(ge=0, le=1, description="Mean share of the FP32 top-5 classes also in the INT8 top-5.")
+    logit_cosine_mean: float = Field(description="Mean cosine similarity of the INT8 and FP32 logit vectors.")
+    logit_cosine_min: float = Field(description="Lowest cosine similarity over the photos.")
+
+
+class Quantization(BaseModel):
+    """How an INT8 model was made from the FP32 one, and how much its answers moved."""
+
+    precision: Literal["int8"] = Field(description="Precision of the quantized weights and activations.")
+    method: str = Field(description="The tool and scheme, e.g. static post-training quantization, QDQ.")
+    per_channel: bool = Field(description="Weights quantized per output channel (else per tensor).")
+    activations: Literal["uint8", "int8"] = Field(description="Element type of the quantized activations.")
+    weights: Literal["int8", "uint8"] = Field(description="Element type of the quantized weights.")
+    fp32_size_bytes: int = Field(description="Size of the FP32 ONNX file the INT8 one was made from.")
+    calibration: CalibrationSet = Field(description="The photos that set the activation ranges.")
+    drift: Drift = Field(description="INT8 against FP32 on held-out photos, measured at export.")
+    note: str | None = Field(None, description="Says plainly when the drift figures say little.")
+
+
 class ModelMetadata(BaseModel):
     """metadata.json, version 1. Unknown extra fields are kept and reported as they stand."""
 
@@ -102,3 +131,5 @@ class ModelMetadata(BaseModel):
     weights: Weights = Field(description="Where the weights came from.")
     export: dict[str, Any] = Field({}, description="Tool versions, time and the ONNX-vs-PyTorch parity check "
                                                    "of the export; reported as it stands.")
+    quantization: Quantization | None = Field(
+        None, description="Set when `model_file` is an INT8 model quantized from the FP32 export; null for FP32.")

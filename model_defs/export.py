@@ -2,6 +2,9 @@
 
     python -m model_defs.export --out DIR [--models a,b] [--weights random|imagenet|DIR]
                                 [--allow-random-fallback] [--seed N]
+
+Beside the seven default names, --models takes the papers' variants and INT8 models
+(model_defs/variants.py), e.g. mobilenetv1_0.5_160, shufflenetv2_0.5x, mobilenetv2_int8.
 """
 import argparse
 import os
@@ -10,9 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from contract import Quantization
 from model_defs.onnx_export import ExportError
 from model_defs.registry import MODELS, ModelSpec
 from model_defs.repository import ExportedModel, write_model_folder
+from model_defs.variants import ModelChoice, UnknownModelName, choose
 from model_defs.weights import CheckpointUnavailable, WeightsError, build_with_weights
 
 
@@ -24,7 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cnn-export", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="model repository folder to write")
     parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated names (default: all of {', '.join(MODELS)})")
+                        help=f"comma-separated names (default: all of {', '.join(MODELS)}); also the papers' "
+                             "variants, e.g. mobilenetv1_0.5_160, shufflenetv1_g3_1.0x, and <name>_int8 for INT8")
     parser.add_argument("--weights", default="random",
                         help="'random', 'imagenet' (torchvision's checkpoints, via torch.hub) or a folder "
                              "holding <name>.pth / <name>.safetensors state_dicts (default: random)")
@@ -35,13 +41,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def select_models(names: str) -> list[ModelSpec]:
+def select_models(names: str) -> list[ModelChoice]:
     requested = [name.strip() for name in names.split(",") if name.strip()]
-    unknown = [name for name in requested if name not in MODELS]
-    if unknown or not requested:
-        raise UsageError(f"unknown model {', '.join(unknown) or '(none given)'}; "
-                         f"valid names: {', '.join(MODELS)}")
-    return [MODELS[name] for name in dict.fromkeys(requested)]
+    if not requested:
+        raise UsageError(f"unknown model (none given); valid names: {', '.join(MODELS)}")
+    try:
+        return [choose(name) for name in dict.fromkeys(requested)]
+    except UnknownModelName as error:
+        raise UsageError(str(error)) from None
 
 
 def check_weights(weights: str, specs: list[ModelSpec]) -> None:
@@ -67,30 +74,40 @@ def prepare_output(out: Path) -> None:
 
 
 def summary_table(rows: list[tuple[ExportedModel, float]]) -> str:
-    header = f"{'name':<18} {'params':>10} {'MACs':>8} {'ONNX MB':>8} {'weights':<9} {'parity':>9} {'seconds':>7}"
+    header = f"{'name':<28} {'params':>10} {'MACs':>8} {'ONNX MB':>8} {'weights':<9} {'parity':>9} {'seconds':>7}"
     lines = [header, "-" * len(header)]
     for exported, seconds in rows:
         m = exported.metadata
-        lines.append(f"{m.name:<18} {m.params:>10,} {m.macs / 1e6:>7.1f}M "
+        lines.append(f"{m.name:<28} {m.params:>10,} {m.macs / 1e6:>7.1f}M "
                      f"{m.onnx.size_bytes / 1e6:>8.1f} {m.weights.kind:<9} "
                      f"{m.export['parity']['max_abs_diff']:>9.1e} {seconds:>7.1f}")
     return "\n".join(lines)
 
 
+def int8_summary(quantization: Quantization) -> str:
+    drift = quantization.drift
+    return (f"INT8 from {quantization.fp32_size_bytes / 1e6:.1f} MB FP32; against FP32 on {len(drift.photos)} "
+            f"held-out photos: top-1 agreement {drift.top1_agreement:.2f}, top-5 overlap "
+            f"{drift.top5_overlap:.2f}, logit cosine {drift.logit_cosine_mean:.3f} (min {drift.logit_cosine_min:.3f})")
+
+
 def run(args: argparse.Namespace) -> list[tuple[ExportedModel, float]]:
-    specs = select_models(args.models)
-    check_weights(args.weights, specs)
+    choices = select_models(args.models)
+    check_weights(args.weights, list({choice.spec.name: choice.spec for choice in choices}.values()))
     prepare_output(args.out)
     rows = []
-    for index, spec in enumerate(specs, 1):
+    for index, choice in enumerate(choices, 1):
+        spec = choice.spec
         started = time.perf_counter()
         model, weights = build_with_weights(spec, args.weights, args.seed, args.allow_random_fallback)
-        exported = write_model_folder(args.out, spec, model, weights, seed=args.seed)
+        exported = write_model_folder(args.out, spec, model, weights, seed=args.seed, int8=choice.int8)
         seconds = time.perf_counter() - started
         parity = exported.metadata.export["parity"]["max_abs_diff"]
-        print(f"[{index}/{len(specs)}] {spec.name}: {weights.kind} weights, "
+        print(f"[{index}/{len(choices)}] {choice.name}: {weights.kind} weights, "
               f"{exported.metadata.onnx.size_bytes / 1e6:.1f} MB, parity {parity:.1e}, {seconds:.1f} s",
               flush=True)
+        if exported.metadata.quantization:
+            print(f"    {int8_summary(exported.metadata.quantization)}", flush=True)
         if weights.note and weights.kind == "random" and args.weights != "random":
             print(f"    note: {weights.note}", flush=True)
         rows.append((exported, seconds))

@@ -133,14 +133,23 @@ class BneckConf(NamedTuple):
 
 def bneck_conf(in_c: int, k: int, exp: int, out_c: int, se: bool, nl: str, s: int,
                width_mult: float = 1.0) -> BneckConf:
-    """One row of the paper's table, in its column order; channels scaled by the width multiplier."""
-    def adjust(channels: int) -> int:
+    """One row of the paper's table, in its column order; channels scaled by the width multiplier.
+
+    The expansion keeps its ratio to the scaled input, as in the paper's reference code: that gives
+    Table 3's MACs below width 1 (torchvision scales "exp size" on its own and counts 10 % fewer).
+    """
+    def adjust(channels: float) -> int:
         return make_divisible(channels * width_mult, 8)
-    return BneckConf(adjust(in_c), k, adjust(exp), adjust(out_c), se, nl, s)
+    scaled_in = adjust(in_c)
+    return BneckConf(scaled_in, k, make_divisible(scaled_in * exp / in_c, 8), adjust(out_c), se, nl, s)
 
 
 def mobilenet_v3_setting(arch: str, width_mult: float = 1.0) -> tuple[list[BneckConf], int]:
-    """The bneck rows and the penultimate width (after the pooled 1x1 conv) of the paper's tables."""
+    """The bneck rows and the penultimate width (after the pooled 1x1 conv) of the paper's tables.
+
+    Below width 1 the penultimate layer keeps its 1280 / 1024 channels, as the paper's Table 3
+    models do (torchvision's `width_mult` shrinks it too).
+    """
     bneck = partial(bneck_conf, width_mult=width_mult)
     if arch == "large":  # Table 1
         rows = [
@@ -160,7 +169,7 @@ def mobilenet_v3_setting(arch: str, width_mult: float = 1.0) -> tuple[list[Bneck
             bneck(160, 5, 960, 160, True, "HS", 1),
             bneck(160, 5, 960, 160, True, "HS", 1),
         ]
-        return rows, make_divisible(1280 * width_mult)  # C5
+        return rows, make_divisible(1280 * max(1.0, width_mult))  # C5
     if arch == "small":  # Table 2
         rows = [
             bneck(16, 3, 16, 16, True, "RE", 2),  # C1
@@ -175,7 +184,7 @@ def mobilenet_v3_setting(arch: str, width_mult: float = 1.0) -> tuple[list[Bneck
             bneck(96, 5, 576, 96, True, "HS", 1),
             bneck(96, 5, 576, 96, True, "HS", 1),
         ]
-        return rows, make_divisible(1024 * width_mult)  # C5
+        return rows, make_divisible(1024 * max(1.0, width_mult))  # C5
     raise ValueError(f"unknown MobileNetV3 variant {arch!r} (expected 'large' or 'small')")
 
 

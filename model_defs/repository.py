@@ -12,8 +12,10 @@ from torch import nn
 
 from contract import (LABELS_FILE, MODEL_FILE, SCHEMA_VERSION, InputSpec, Labels, ModelMetadata, OnnxFile,
                       OutputSpec, Weights, sha256_of, write_metadata)
+from contract import Quantization
 from model_defs.macs import count_macs, count_params
 from model_defs.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, check_parity, export_onnx
+from model_defs.quantize import INT8_SUFFIX, quantize_int8
 from model_defs.registry import ModelSpec
 
 
@@ -24,10 +26,10 @@ class ExportedModel:
 
 
 def build_metadata(spec: ModelSpec, model: nn.Module, weights: Weights, onnx_path: Path,
-                   labels: list[str], parity: dict) -> ModelMetadata:
+                   labels: list[str], parity: dict, quantization: Quantization | None = None) -> ModelMetadata:
     return ModelMetadata(
         schema_version=SCHEMA_VERSION,
-        name=spec.name,
+        name=spec.name + INT8_SUFFIX if quantization else spec.name,
         architecture=spec.architecture,
         paper=spec.paper,
         model_file=MODEL_FILE,
@@ -45,18 +47,21 @@ def build_metadata(spec: ModelSpec, model: nn.Module, weights: Weights, onnx_pat
                 "onnxruntime": onnxruntime.__version__,
                 "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "parity": parity},
+        quantization=quantization,
     )
 
 
 def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weights: Weights,
-                       seed: int = 0) -> ExportedModel:
-    """Export `model` into `<repository>/<name>/`, replacing any earlier export of it.
+                       seed: int = 0, int8: bool = False) -> ExportedModel:
+    """Export `model` into `<repository>/<name>/`, replacing any earlier export of it; with `int8`,
+    into `<name>_int8/`, quantized from the FP32 export (which is checked against PyTorch first).
 
     The folder is assembled under a hidden name and renamed at the end, so a reader of the
     repository never sees a half-written model.
     """
     labels = spec.labels.read()
-    staging = repository / f".{spec.name}.partial"
+    name = spec.name + INT8_SUFFIX if int8 else spec.name
+    staging = repository / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -66,12 +71,17 @@ def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weig
             raise ExportError(f"{spec.name}: {len(labels)} labels in {spec.labels.file.name} but the model "
                               f"has {classes} outputs")
         onnx_path = staging / MODEL_FILE
-        export_onnx(model, spec, onnx_path)
-        parity = check_parity(model, spec, onnx_path, seed=seed + 1)
-        metadata = build_metadata(spec, model, weights, onnx_path, labels, parity)
+        fp32_path = staging / "fp32.onnx" if int8 else onnx_path
+        export_onnx(model, spec, fp32_path)
+        parity = check_parity(model, spec, fp32_path, seed=seed + 1)
+        quantization = None
+        if int8:
+            quantization = quantize_int8(name, fp32_path, onnx_path, spec.preprocessing, weights)
+            fp32_path.unlink()
+        metadata = build_metadata(spec, model, weights, onnx_path, labels, parity, quantization)
         shutil.copyfile(spec.labels.file, staging / LABELS_FILE)
         write_metadata(staging, metadata)
-        folder = repository / spec.name
+        folder = repository / name
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
     except BaseException:

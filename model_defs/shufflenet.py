@@ -11,6 +11,8 @@ from model_defs.layers import ConvBNActivation, channel_shuffle
 # --- ShuffleNet V1 (Zhang et al. 2017, Table 1) ---------------------------------------------
 
 STEM_CHANNELS = 24
+# The stem's width by scale factor, as in megvii's reference models (its 1.5x keeps 24).
+STEM_CHANNELS_BY_SCALE = {0.5: 12, 1.0: STEM_CHANNELS, 1.5: STEM_CHANNELS, 2.0: 48}
 STAGE_REPEATS_V1 = [4, 8, 4]  # stages 2, 3, 4; the first unit of each has stride 2
 # Output channels of stages 2-4 at 1x, by number of groups g.
 STAGE_OUT_CHANNELS_V1 = {
@@ -60,9 +62,9 @@ class ShuffleNetV1(nn.Module):
         # Scaled widths stay multiples of 4 * groups so every group conv divides evenly.
         step = 4 * groups
         stage_channels = [max(step, int(c * width_mult) // step * step) for c in STAGE_OUT_CHANNELS_V1[groups]]
-        self.conv1 = ConvBNActivation(3, STEM_CHANNELS, 3, stride=2)
+        in_channels = stem_channels(groups, width_mult)
+        self.conv1 = ConvBNActivation(3, in_channels, 3, stride=2)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_channels = STEM_CHANNELS
         stages = []
         for stage_index, (repeats, out_channels) in enumerate(zip(STAGE_REPEATS_V1, stage_channels)):
             units = []
@@ -80,6 +82,14 @@ class ShuffleNetV1(nn.Module):
         x = self.maxpool(self.conv1(x))
         x = self.stage4(self.stage3(self.stage2(x)))
         return self.fc(x.mean([2, 3]))
+
+
+def stem_channels(groups: int, width_mult: float) -> int:
+    """megvii's stem width for the scale, raised to a multiple of `groups`: the first unit's
+    grouped 1x1 conv makes `stage2 - stem` channels (g=8 at 0.5x: 16, as megvii has it)."""
+    if width_mult not in STEM_CHANNELS_BY_SCALE:
+        raise ValueError(f"ShuffleNetV1 scale must be one of {sorted(STEM_CHANNELS_BY_SCALE)}, got {width_mult}")
+    return -(-STEM_CHANNELS_BY_SCALE[width_mult] // groups) * groups
 
 
 # --- ShuffleNetV2 (Ma et al. 2018, Table 5) -------------------------------------------------

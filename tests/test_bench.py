@@ -52,6 +52,17 @@ def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository,
     assert {(v["model"], v["concurrency"]) for v in results["service_vs_baseline"]} == {
         ("mobilenetv3_small", 1), ("mobilenetv3_small", 4)}
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The trade-off: one point per served model measured (not the name the servers lack), with its
+    # size and cost from its metadata and the latencies of the run.
+    [point] = results["tradeoff"]
+    assert (point["model"], point["precision"], point["params"]) == ("mobilenetv3_small", "fp32", 2_542_856)
+    assert 56e6 < point["macs"] < 57e6
+    assert point["bare_p50_ms"] == bare[("mobilenetv3_small", threads["service"])]["p50_ms"]
+    assert point["service_p50_ms"] == cells[("service", "mobilenetv3_small", 1)]["p50_ms"]
+    assert (out / "tradeoff.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    tradeoff_rows = finished.stdout.split("The trade-off")[1].splitlines()
+    assert tradeoff_rows[1].split()[:4] == ["model", "precision", "params", "MACs"]
+    assert tradeoff_rows[3].split()[:4] == ["mobilenetv3_small", "fp32", "2,542,856", "56.5M"]
 
     table = finished.stdout.splitlines()
     assert table[0].split()[:4] == ["server", "model", "clients", "req/s"]

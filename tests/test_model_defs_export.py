@@ -19,7 +19,8 @@ from tests.test_model_defs_weights import preprocess
 
 EXPORT = [sys.executable, "-m", "model_defs.export"]
 METADATA_KEYS = {"schema_version", "name", "architecture", "paper", "model_file", "optimized_model_file", "onnx",
-                 "input", "output", "preprocessing", "labels", "params", "macs", "weights", "export"}
+                 "input", "output", "preprocessing", "labels", "params", "macs", "weights", "export",
+                 "quantization"}
 
 
 def session(folder: Path) -> onnxruntime.InferenceSession:
@@ -46,6 +47,7 @@ def assert_model_folder_is_consistent(folder: Path) -> dict:
     assert set(metadata["export"]) == {"torch", "onnx", "onnxruntime", "created_utc", "parity"}
     assert metadata["export"]["parity"]["batch_sizes"] == [1, 4]
     assert metadata["export"]["parity"]["top5_equal"] is True
+    assert metadata["quantization"] is None  # FP32
 
     runtime = session(folder)
     [graph_input], [graph_output] = runtime.get_inputs(), runtime.get_outputs()
