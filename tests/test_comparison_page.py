@@ -7,6 +7,7 @@ The screenshots are saved under `test-artifacts/` (ignored by git) for a person 
 """
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from conftest import EXPORT_COMMAND
 from contract import METADATA_FILE
 from tests.service_fixtures import ready_server, required_tool
 
@@ -104,7 +106,7 @@ def test_the_page_lists_every_model_with_its_facts(browser, server, served):
         row = browser.find_element(By.CSS_SELECTOR, f"#models tr[data-model='{model['name']}']")
         text = row.text
         assert model["metadata"]["architecture"] in text
-        assert "ready" in text
+        assert "ready" in text and "FP32" in text
         crop = model["metadata"]["preprocessing"]["crop"]
         assert f"{crop}×{crop}" in text
         if model["metadata"]["weights"]["kind"] == "random":
@@ -209,9 +211,10 @@ def test_with_an_api_key_the_page_asks_once_then_predicts(browser, model_reposit
         assert not dialog.is_displayed()
 
 
-def test_forty_models_fit_the_page(browser, model_repository, tmp_path, photos):
+def test_forty_models_fit_the_page_and_int8_shows_its_drift(browser, model_repository, tmp_path, photos):
     repository = tmp_path / "forty"
-    for i in range(40):
+    subprocess.run([*EXPORT_COMMAND, "--models", "effnet_int8", "--out", str(repository)], check=True)
+    for i in range(39):
         folder = repository / f"effnet_{i:02d}"
         shutil.copytree(model_repository / "effnet", folder)
         metadata = json.loads((folder / METADATA_FILE).read_text())
@@ -219,6 +222,8 @@ def test_forty_models_fit_the_page(browser, model_repository, tmp_path, photos):
     with ready_server(repository, tmp_path / "run") as many:
         browser.set_window_size(1280, 900)
         open_page(browser, many, 40)
+        int8 = browser.find_element(By.CSS_SELECTOR, "#models tr[data-model='effnet_int8']").text
+        assert "INT8: top-1 agrees" in int8 and "cosine" in int8
         upload(browser, photos["chelsea"], 40)
         assert browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth") <= 0
         screenshot(browser, "comparison-page-40-models.png")

@@ -89,6 +89,14 @@ function preprocessingText(p) {
   return `resize ${p.resize} ${p.interpolation}, crop ${p.crop}, ${p.color} ${scale}${imagenet}`;
 }
 
+function precisionCell(q) {
+  if (!q) return element("td", {}, "FP32");
+  const d = q.drift;
+  const text = `INT8: top-1 agrees ${Math.round(d.top1_agreement * d.photos.length)}/${d.photos.length}, ` +
+    `cosine ${d.logit_cosine_mean.toFixed(3)}`;
+  return element("td", { class: q.note ? "warn" : "", title: q.note || q.method }, text);
+}
+
 function modelRow(m) {
   const meta = m.metadata || {};
   const shape = meta.input ? meta.input.shape : null;
@@ -100,6 +108,7 @@ function modelRow(m) {
   return element("tr", { "data-model": m.name },
     element("td", {}, element("b", {}, m.name)),
     element("td", {}, meta.architecture || "–"),
+    precisionCell(meta.quantization),
     element("td", { class: "num" }, shape ? `${shape[2]}×${shape[3]}` : "–"),
     element("td", { class: "num" }, count(meta.params)),
     element("td", { class: "num" }, count(meta.macs)),
@@ -116,7 +125,7 @@ async function loadModels() {
   if (!response.ok) { notice(`Could not list the models: ${await failure(response)}`); return; }
   page.models = (await response.json()).models;
   $("#models tbody").replaceChildren(...page.models.map(modelRow));
-  if (page.models.length === 0) $("#models tbody").replaceChildren(element("tr", {}, element("td", { colspan: 9 }, "No models in the repository.")));
+  if (page.models.length === 0) $("#models tbody").replaceChildren(element("tr", {}, element("td", { colspan: 10 }, "No models in the repository.")));
   if (page.models.some((m) => m.status === "loading")) setTimeout(loadModels, 2000);
 }
 
