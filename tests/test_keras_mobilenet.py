@@ -174,7 +174,7 @@ def test_the_metadata_records_keras_layout_preprocessing_and_file(repository, we
         "sha256": hashlib.sha256((weights_dir / FILE_NAME).read_bytes()).hexdigest()}
 
 
-def test_predict_gives_the_top1_of_keras_pipeline(repository, reference, photos, tmp_path):
+def test_predict_gives_the_top1_of_keras_pipeline(repository, reference, photos, tmp_path, capsys):
     expected = logits_of(reference, np.stack([keras_pipeline(photos[name]) for name in PHOTOS])).argmax(1)
     with ready_server(repository, tmp_path, "mobilenetv1") as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
@@ -182,6 +182,8 @@ def test_predict_gives_the_top1_of_keras_pipeline(repository, reference, photos,
                                headers={"Content-Type": "image/jpeg"}).json() for name in PHOTOS]
         listed = client.get("/models/mobilenetv1").json()
     top1 = [answer["predictions"][0]["class_id"] for answer in answers]
+    with capsys.disabled():
+        print(f"\nmobilenetv1 (Keras) top-1 through /predict {top1}, Keras pipeline {expected.tolist()}", end="")
     assert sum(int(a == b) for a, b in zip(top1, expected)) >= 3, f"service {top1}, Keras {expected.tolist()}"
     assert answers[0]["weights"]["source"] == FILE_NAME
     assert listed["weights_source"] == FILE_NAME
