@@ -285,7 +285,7 @@ def build_with_weights(spec: ModelSpec, weights: str, seed: int = 0, allow_rando
         try:
             built = imagenet_weights(spec, pinned_sha256)
         except CheckpointUnavailable as error:
-            if not allow_random_fallback:
+            if not allow_random_fallback or pinned_sha256 is not None:  # a pinned file is wanted, not another
                 raise
             built = random_model(spec, seed, f"ImageNet weights were requested: {error.reason}. {RANDOM_WEIGHTS_NOTE}")
     else:
