@@ -52,7 +52,8 @@ def calibration_batch(paths: list[Path], crops: int = 8, seed: int = 5) -> np.nd
         for _ in range(crops):
             top, left = rng.integers(0, 288 - 224, 2)
             crop = large[top:top + 224, left:left + 224]
-            batch.append(keras.applications.mobilenet.preprocess_input(crop[:, ::-1] if rng.random() < 0.5 else crop))
+            crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+            batch.append(keras.applications.mobilenet.preprocess_input(crop.copy()))  # it works in place
     return np.stack(batch)
 
 
@@ -66,6 +67,7 @@ def random_keras_mobilenet(alpha: float, calibration: np.ndarray, seed: int = 0)
     classifier is standardised over the same images, so no shared offset gives every photo one
     answer (and its bias is not zero).
     """
+    keras.utils.set_random_seed(seed)  # Keras's initialisers draw from its global generator
     model = keras.applications.MobileNet(alpha=alpha, weights=None, classifier_activation=None,
                                          input_shape=(224, 224, 3))
     rng = np.random.default_rng(seed)
