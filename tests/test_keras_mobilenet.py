@@ -5,6 +5,7 @@ No weights can be downloaded here, so Keras's MobileNet gets random weights that
 apart, written in the legacy HDF5 layout of the published `mobilenet_<alpha>_<rows>_tf.h5` files,
 and Keras itself reads that file back as the reference.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,8 +21,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from model_defs.keras_mobilenet import ALPHA_TEXT, keras_variant  # noqa: E402
+from model_defs.registry import MODELS  # noqa: E402
+from model_defs.weights import build_with_weights  # noqa: E402
 from tests.service_fixtures import ready_server  # noqa: E402
 
 # Keras's own conversions to numpy, on every weight and output: not this project's concern.
@@ -58,7 +63,8 @@ def calibration_batch(paths: list[Path], crops: int = 8, seed: int = 5) -> np.nd
 
 
 def random_keras_mobilenet(alpha: float, calibration: np.ndarray, seed: int = 0) -> keras.Model:
-    """Keras's MobileNet with random weights that give logits of order 1, different per photo.
+    """Keras's MobileNet at the calibration images' size with random weights that give logits of
+    order 1, different per photo.
 
     Random depthwise kernels of either sign make this deep network chaotic: half a grey level
     of difference in the input moved its logits more than changing the photo did. Positive ones
@@ -69,7 +75,7 @@ def random_keras_mobilenet(alpha: float, calibration: np.ndarray, seed: int = 0)
     """
     keras.utils.set_random_seed(seed)  # Keras's initialisers draw from its global generator
     model = keras.applications.MobileNet(alpha=alpha, weights=None, classifier_activation=None,
-                                         input_shape=(224, 224, 3))
+                                         input_shape=calibration.shape[1:])
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -252,3 +258,39 @@ def test_a_bad_keras_file_is_refused_naming_the_model_and_the_cause(tmp_path, we
     for fragment in fragments:
         assert fragment in line
     assert not (tmp_path / "repo" / "mobilenetv1").exists()
+
+
+KERAS_FILES = [  # the sixteen files of keras.applications.MobileNet(alpha, rows), as Keras names them
+    "mobilenet_1_0_224_tf.h5", "mobilenet_1_0_192_tf.h5", "mobilenet_1_0_160_tf.h5", "mobilenet_1_0_128_tf.h5",
+    "mobilenet_7_5_224_tf.h5", "mobilenet_7_5_192_tf.h5", "mobilenet_7_5_160_tf.h5", "mobilenet_7_5_128_tf.h5",
+    "mobilenet_5_0_224_tf.h5", "mobilenet_5_0_192_tf.h5", "mobilenet_5_0_160_tf.h5", "mobilenet_5_0_128_tf.h5",
+    "mobilenet_2_5_224_tf.h5", "mobilenet_2_5_192_tf.h5", "mobilenet_2_5_160_tf.h5", "mobilenet_2_5_128_tf.h5",
+]
+
+
+def test_each_of_the_sixteen_variant_names_maps_to_its_keras_file():
+    names = [f"mobilenetv1_{alpha}_{rows}" for alpha in ("1.0", "0.75", "0.5", "0.25") for rows in (224, 192, 160, 128)]
+    assert [keras_variant(name).file_name for name in names] == KERAS_FILES
+    assert keras_variant("mobilenetv1").file_name == "mobilenet_1_0_224_tf.h5"
+    assert keras_variant("mobilenetv1_1.4_224") is None and keras_variant("mobilenetv1_1.0_96") is None
+    assert [keras_variant(f"mobilenetv1_1.0_{rows}").preprocessing.resize for rows in (224, 192, 160, 128)] == [
+        256, 219, 183, 146]  # rows / 0.875, TensorFlow's evaluation crop
+
+
+@pytest.mark.parametrize("alpha", [0.75, 0.5, 0.25])
+def test_the_narrower_keras_files_convert_to_keras_logits_too(alpha, tmp_path, calibration):
+    """Weights do not depend on the resolution: each width at 128 pixels stands for its four files."""
+    name, file_name = f"mobilenetv1_{alpha}_128", f"mobilenet_{ALPHA_TEXT[alpha]}_128_tf.h5"
+    x = calibration[::8, 48:176, 48:176]  # five 128 x 128 crops
+    keras_model = random_keras_mobilenet(alpha, calibration[:, 48:176, 48:176], seed=1)
+    save_legacy_h5(keras_model, tmp_path / file_name)
+    spec = dataclasses.replace(MODELS["mobilenetv1"], name=name)
+
+    built = build_with_weights(spec, str(tmp_path))
+
+    assert built.spec.layout == "keras" and built.spec.input_size == 128
+    expected = logits_of(keras_model, x)
+    with torch.no_grad():
+        got = built.model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert expected.std() > 0.3 and len(set(expected.argmax(1).tolist())) >= 3
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

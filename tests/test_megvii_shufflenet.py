@@ -3,11 +3,13 @@ network (shuffle after the depthwise conv, in their order; no classifier bias) a
 the logits of that network as their code defines it, here written out independently as plain
 tensor operations; the service answers with megvii's preprocessing (BGR, 0-255, OpenCV resize).
 """
+import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -22,6 +24,7 @@ from PIL import Image
 from model_defs.layers import channel_shuffle
 from model_defs.megvii_shufflenet import megvii_channel_shuffle
 from model_defs.registry import MODELS
+from model_defs.shufflenet import ShuffleNetV1
 from model_defs.weights import build_with_weights
 from tests.service_fixtures import ready_server
 
@@ -288,3 +291,30 @@ def test_a_bad_megvii_checkpoint_is_refused_naming_the_model_and_the_cause(tmp_p
     for fragment in fragments:
         assert fragment in line
     assert not (tmp_path / "repo" / "shufflenetv1").exists()
+
+
+# The eight published checkpoints: (groups, width) -> stem, stage 2-4 channels, and the parameter
+# count of megvii's results table (millions, rounded as there).
+PUBLISHED = {
+    (3, 0.5): (12, (120, 240, 480), 0.7), (3, 1.0): (24, (240, 480, 960), 1.9),
+    (3, 1.5): (24, (360, 720, 1440), 3.4), (3, 2.0): (48, (480, 960, 1920), 5.4),
+    (8, 0.5): (16, (192, 384, 768), 1.0), (8, 1.0): (24, (384, 768, 1536), 2.4),
+    (8, 1.5): (24, (576, 1152, 2304), 4.3), (8, 2.0): (48, (768, 1536, 3072), 6.5),
+}
+
+
+@pytest.mark.parametrize("groups, width", PUBLISHED)
+def test_every_published_checkpoint_size_loads_strictly_for_its_variant(groups, width, tmp_path):
+    stem, stages, millions = PUBLISHED[groups, width]
+    state = megvii_state_dict((groups, stem, stages), seed=2)
+    torch.save(as_saved_by_megvii(state), tmp_path / "shufflenetv1.pth")
+    spec = dataclasses.replace(MODELS["shufflenetv1"], builder=partial(ShuffleNetV1, groups=groups, width_mult=width))
+
+    built = build_with_weights(spec, str(tmp_path))
+
+    assert built.spec.layout == "megvii"
+    assert round(sum(p.numel() for p in built.model.parameters()) / 1e6, 1) == millions
+    x = 255 * torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = built.model(x), megvii_logits(state, groups, x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
