@@ -7,15 +7,15 @@ standard library, so the exporter (PyTorch) and the service (onnxruntime) can bo
 `python -m contract` prints the JSON schema of metadata.json.
 """
 from contract.metadata import (LABELS_FILE, METADATA_FILE, MODEL_FILE, RANDOM_WEIGHTS_NOTE, SCHEMA_VERSION,
-                               InputSpec, Labels, ModelMetadata, ModelStatus, OnnxFile, OutputSpec, Paper,
-                               Preprocessing, Weights, WeightsKind)
+                               InputSpec, Labels, Layout, ModelMetadata, ModelStatus, OnnxFile, OutputSpec, Paper,
+                               Preprocessing, ResizeRule, Weights, WeightsKind)
 from contract.metadata import CalibrationSet, Drift, Quantization
 from contract.repository import (ModelFolder, ModelLoadError, RepositoryNotFound, discover, read_labels,
                                  read_metadata, sha256_of, verify, write_metadata)
 
 __all__ = [
     "SCHEMA_VERSION", "METADATA_FILE", "MODEL_FILE", "LABELS_FILE", "RANDOM_WEIGHTS_NOTE",
-    "ModelStatus", "WeightsKind",
+    "ModelStatus", "WeightsKind", "ResizeRule", "Layout",
     "Preprocessing", "Paper", "OnnxFile", "InputSpec", "OutputSpec", "Labels", "Weights", "ModelMetadata",
     "CalibrationSet", "Drift", "Quantization",
     "RepositoryNotFound", "ModelLoadError", "ModelFolder",

@@ -1,9 +1,15 @@
-"""The pydantic models of metadata.json, version 1 (docs/model-repository.md)."""
+"""The pydantic models of metadata.json, version 2 (docs/model-repository.md).
+
+Version 2 added what lets weights carry their own preprocessing (`resize_rule`, `antialias`) and
+which implementation's layout a network follows (`layout`); every new field defaults to version
+1's behaviour, so a version-1 file reads and is served as before.
+"""
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
@@ -11,19 +17,36 @@ RANDOM_WEIGHTS_NOTE = "Random weights: predictions are meaningless."
 
 ModelStatus = Literal["loading", "ready", "failed"]
 WeightsKind = Literal["random", "imagenet", "custom"]
+ResizeRule = Literal["shorter_side", "shorter_side_rounded", "squash"]
+Layout = Literal["paper", "keras", "megvii"]
 
 
 class Preprocessing(BaseModel):
-    """How an image becomes the input tensor: torchvision's Resize, CenterCrop, ToTensor, Normalize."""
+    """How an image becomes the input tensor: whatever the model's weights were trained with.
+
+    The defaults are torchvision's Resize, CenterCrop, ToTensor, Normalize (version 1's only rule).
+    """
 
     model_config = ConfigDict(frozen=True)  # declared once per model, shared by reference
 
-    resize: PositiveInt = Field(description="Length of the shorter side after resizing, in pixels.")
+    resize: PositiveInt = Field(description="Length of the shorter side after resizing, in pixels "
+                                            "(`squash`: of both sides).")
+    resize_rule: ResizeRule = Field(
+        "shorter_side", description="`shorter_side`: the shorter side becomes `resize`, the longer "
+        "`int(resize * long / short)` (torchvision); `shorter_side_rounded`: the same with the longer "
+        "side rounded to the nearest pixel, `int(resize * long / short + 0.5)` (megvii's OpenCV resize); "
+        "`squash`: both sides become `resize`, the aspect ratio is not kept (TensorFlow's central "
+        "crop then resize). A centre crop of `crop` x `crop` follows each.")
     interpolation: Literal["nearest", "bilinear", "bicubic"] = Field(
         "bilinear", description="Resampling filter of the resize (PIL's filter of that name).")
+    antialias: bool = Field(
+        True, description="true: the filter widens when shrinking, so every source pixel counts (PIL's "
+        "resize, torchvision's antialias=True); false (bilinear only): each output pixel interpolates "
+        "between the four source pixels around its centre (OpenCV's INTER_LINEAR).")
     crop: PositiveInt = Field(description="Side of the square centre crop taken after resizing; at most `resize`.")
     color: Literal["RGB", "BGR"] = Field("RGB", description="Channel order of the input tensor.")
-    scale: PositiveFloat = Field(255.0, description="Pixel values are divided by this before normalising.")
+    scale: PositiveFloat = Field(255.0, description="8-bit pixel values are divided by this before "
+                                                    "normalising: 255 gives 0-1, 1 keeps 0-255.")
     mean: tuple[float, float, float] = Field(description="Per-channel mean subtracted after scaling.")
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(
         description="Per-channel standard deviation divided by after subtracting the mean.")
@@ -33,6 +56,26 @@ class Preprocessing(BaseModel):
         if self.crop > self.resize:
             raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
         return self
+
+    @model_validator(mode="after")
+    def _unfiltered_is_bilinear(self) -> "Preprocessing":
+        if not self.antialias and self.interpolation != "bilinear":
+            raise ValueError(f"antialias false is defined for bilinear interpolation only, not {self.interpolation}")
+        return self
+
+    def describe(self) -> str:
+        """One line for people, e.g. for `GET /models`."""
+        if len(set(self.mean)) == 1 and len(set(self.std)) == 1:
+            low, high = ((level / self.scale - self.mean[0]) / self.std[0] for level in (0, 255))
+            values = f"values {low:g} to {high:g}"
+        else:
+            values = f"values 0 to {255 / self.scale:g} normalised by mean {list(self.mean)}, std {list(self.std)}"
+        resize = {"shorter_side": f"shorter side to {self.resize}",
+                  "shorter_side_rounded": f"shorter side to {self.resize} (longer side rounded)",
+                  "squash": f"squashed to {self.resize}x{self.resize}"}[self.resize_rule]
+        filtering = "" if self.antialias else " without antialiasing"
+        return (f"{self.color}, {values}; {resize}, {self.interpolation}{filtering}; "
+                f"centre crop {self.crop}x{self.crop}")
 
 
 class Paper(BaseModel):
@@ -75,7 +118,12 @@ class Weights(BaseModel):
     kind: WeightsKind = Field(description="Where the weights came from.")
     source: str | None = Field(None, description="The seed, checkpoint URL or file the weights came from.")
     sha256: str | None = Field(None, description="Hex sha256 of the checkpoint file, if there was one.")
-    note: str | None = Field(None, description="Says plainly when predictions are meaningless.")
+    sha256_verified: bool | None = Field(
+        None, description="Whether `sha256` was checked against a hash known before the download: "
+                          "torchvision's file names carry one; Keras publishes none, so its files are "
+                          "checked only when the user pins a hash. null when there was no file.")
+    note: str | None = Field(None, description="Says plainly when predictions are meaningless, or when "
+                                               "a downloaded file could not be verified.")
 
 
 class CalibrationSet(BaseModel):
@@ -108,14 +156,20 @@ class Quantization(BaseModel):
 
 
 class ModelMetadata(BaseModel):
-    """metadata.json, version 1. Unknown extra fields are kept and reported as they stand."""
+    """metadata.json, version 2 (version 1 reads too). Unknown extra fields are kept and reported as they stand."""
 
     # protected_namespaces=(): `model_file` is a field here, not pydantic's `model_` namespace.
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    schema_version: Literal[1] = Field(description="Version of this format.")
+    schema_version: Literal[READABLE_SCHEMA_VERSIONS] = Field(description="Version of this format.")
     name: str = Field(description="The model's URL name; equals its folder name.")
     architecture: str = Field(description="Human name of the network, e.g. 'MobileNetV3-Large 1.0'.")
+    layout: Layout = Field(
+        "paper", description="Whose reading of the architecture the graph follows where implementations "
+        "differ and the weights depend on it: `paper` (this project's, torchvision's where it has the "
+        "network), `keras` (Keras's MobileNet: TensorFlow's SAME padding, BatchNorm eps 1e-3, ReLU6, "
+        "1x1-conv classifier), `megvii` (megvii's ShuffleNetV1 code: shuffle after the depthwise conv, "
+        "classifier without bias).")
     paper: Paper | None = Field(None, description="The paper that introduced the architecture.")
     model_file: str = Field(description="ONNX file relative to the model folder.")
     optimized_model_file: str | None = Field(

@@ -1,7 +1,7 @@
 """Build the networks, give them weights and write the ONNX model repository (`cnn-export`).
 
     python -m model_defs.export --out DIR [--models a,b] [--weights random|imagenet|DIR]
-                                [--allow-random-fallback] [--seed N]
+                                [--allow-random-fallback] [--seed N] [--weights-sha256 NAME=HEX ...]
 
 Beside the seven default names, --models takes the papers' variants and INT8 models
 (model_defs/variants.py), e.g. mobilenetv1_0.5_160, shufflenetv2_0.5x, mobilenetv2_int8.
@@ -18,7 +18,7 @@ from model_defs.onnx_export import ExportError
 from model_defs.registry import MODELS, ModelSpec
 from model_defs.repository import ExportedModel, write_model_folder
 from model_defs.variants import ModelChoice, UnknownModelName, choose
-from model_defs.weights import CheckpointUnavailable, WeightsError, build_with_weights
+from model_defs.weights import CheckpointUnavailable, WeightsError, build_with_weights, weights_files
 
 
 class UsageError(Exception):
@@ -32,13 +32,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated names (default: all of {', '.join(MODELS)}); also the papers' "
                              "variants, e.g. mobilenetv1_0.5_160, shufflenetv1_g3_1.0x, and <name>_int8 for INT8")
     parser.add_argument("--weights", default="random",
-                        help="'random', 'imagenet' (torchvision's checkpoints, via torch.hub) or a folder "
-                             "holding <name>.pth / <name>.safetensors state_dicts (default: random)")
+                        help="'random', 'imagenet' (torchvision's checkpoints via torch.hub; Keras's HDF5 "
+                             "file for mobilenetv1) or a folder holding <name>.pth / <name>.safetensors "
+                             "state_dicts, megvii ShuffleNetV1 checkpoints (.pth) or Keras MobileNetV1 "
+                             "files (<name>.h5 or Keras's own file name) (default: random)")
     parser.add_argument("--allow-random-fallback", action="store_true",
                         help="with --weights imagenet: use random weights (and say so in metadata) for "
                              "models whose checkpoint does not exist or cannot be downloaded")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--weights-sha256", action="append", default=[], metavar="NAME=HEX",
+                        help="the sha256 a model's weights file must have, checked before it is read "
+                             "(repeat for several models); Keras publishes no hash for its files")
     return parser.parse_args(argv)
+
+
+def parse_pins(pins: list[str], specs: list[ModelSpec]) -> dict[str, str]:
+    """`--weights-sha256 NAME=HEX` values as {name: hex}, for models being exported."""
+    pinned = {}
+    for pin in pins:
+        name, _, digest = pin.partition("=")
+        if not digest or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise UsageError(f"--weights-sha256 {pin}: expected NAME=<64 hex digits>")
+        if name not in {spec.name for spec in specs}:
+            raise UsageError(f"--weights-sha256 {pin}: {name!r} is not among the models exported")
+        pinned[name] = digest.lower()
+    return pinned
 
 
 def select_models(names: str) -> list[ModelChoice]:
@@ -57,11 +75,11 @@ def check_weights(weights: str, specs: list[ModelSpec]) -> None:
     directory = Path(weights)
     if not directory.is_dir():
         raise UsageError(f"--weights {weights}: not 'random', 'imagenet' or an existing folder")
-    missing = [spec.name for spec in specs
-               if not any((directory / f"{spec.name}{suffix}").is_file() for suffix in (".pth", ".safetensors"))]
+    missing = [spec for spec in specs if not any(path.is_file() for path in weights_files(spec, directory))]
     if missing:
-        raise UsageError(f"--weights {weights}: no checkpoint for {', '.join(missing)} "
-                         f"(expected {missing[0]}.pth or {missing[0]}.safetensors)")
+        expected = [path.name for path in weights_files(missing[0], directory)]
+        raise UsageError(f"--weights {weights}: no checkpoint for {', '.join(spec.name for spec in missing)} "
+                         f"(expected {', '.join(expected[:-1])} or {expected[-1]})")
 
 
 def prepare_output(out: Path) -> None:
@@ -93,14 +111,17 @@ def int8_summary(quantization: Quantization) -> str:
 
 def run(args: argparse.Namespace) -> list[tuple[ExportedModel, float]]:
     choices = select_models(args.models)
-    check_weights(args.weights, list({choice.spec.name: choice.spec for choice in choices}.values()))
+    specs = list({choice.spec.name: choice.spec for choice in choices}.values())
+    check_weights(args.weights, specs)
+    pinned = parse_pins(args.weights_sha256, specs)
     prepare_output(args.out)
     rows = []
     for index, choice in enumerate(choices, 1):
         spec = choice.spec
         started = time.perf_counter()
-        model, weights = build_with_weights(spec, args.weights, args.seed, args.allow_random_fallback)
-        exported = write_model_folder(args.out, spec, model, weights, seed=args.seed, int8=choice.int8)
+        built = build_with_weights(spec, args.weights, args.seed, args.allow_random_fallback, pinned.get(spec.name))
+        weights = built.weights
+        exported = write_model_folder(args.out, built.spec, built.model, weights, seed=args.seed, int8=choice.int8)
         seconds = time.perf_counter() - started
         parity = exported.metadata.export["parity"]["max_abs_diff"]
         print(f"[{index}/{len(choices)}] {choice.name}: {weights.kind} weights, "
@@ -108,7 +129,7 @@ def run(args: argparse.Namespace) -> list[tuple[ExportedModel, float]]:
               flush=True)
         if exported.metadata.quantization:
             print(f"    {int8_summary(exported.metadata.quantization)}", flush=True)
-        if weights.note and weights.kind == "random" and args.weights != "random":
+        if weights.note and args.weights != "random":
             print(f"    note: {weights.note}", flush=True)
         rows.append((exported, seconds))
     return rows

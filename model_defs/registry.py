@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from contract import Paper, Preprocessing
+from contract import Layout, Paper, Preprocessing
 
 from model_defs.effnet import EffNet
 from model_defs.mobilenet import MobileNetV1, MobileNetV2, MobileNetV3
@@ -45,6 +45,9 @@ class ModelSpec:
     labels: LabelSet
     # torchvision's ImageNet checkpoint; its file name ends in "-<sha256 prefix>.pth".
     checkpoint_url: str | None = None
+    # Whose reading of the architecture `builder` follows; weights that need another change it
+    # (model_defs.weights.BuiltModel).
+    layout: Layout = "paper"
 
     @property
     def input_size(self) -> int:

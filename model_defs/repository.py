@@ -31,6 +31,7 @@ def build_metadata(spec: ModelSpec, model: nn.Module, weights: Weights, onnx_pat
         schema_version=SCHEMA_VERSION,
         name=spec.name + INT8_SUFFIX if quantization else spec.name,
         architecture=spec.architecture,
+        layout=spec.layout,
         paper=spec.paper,
         model_file=MODEL_FILE,
         optimized_model_file=None,

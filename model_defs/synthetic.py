@@ -29,7 +29,7 @@ def synthetic_images(count: int, preprocessing: Preprocessing, seed: int) -> tor
             top, left = torch.randint(0, size - 2, (2,), generator=generator).tolist()
             height, width = torch.randint(2, max(3, size // 2), (2,), generator=generator).tolist()
             image[:, top:top + height, left:left + width] = torch.rand(3, 1, 1, generator=generator)
-    pixels = pixels.clamp(0.0, 1.0)
+    pixels = pixels.clamp(0.0, 1.0) * (255.0 / preprocessing.scale)  # the 8-bit range, over `scale`
     mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
     return ((pixels - mean) / std).float()

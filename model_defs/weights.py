@@ -1,5 +1,15 @@
-"""Give a freshly built model its weights: random (calibrated), torchvision's ImageNet, or custom files."""
+"""Give a freshly built model its weights: random (calibrated), ImageNet (torchvision's checkpoints,
+Keras's MobileNetV1 files), or the user's own files (state_dicts, Keras HDF5, megvii checkpoints).
+
+Weights decide more than the parameters: Keras's and megvii's were trained on networks and inputs
+that differ from this project's reading of the papers, so loading them also gives the model the
+layout and the preprocessing they need (`BuiltModel.spec`). Random and custom state_dicts keep the
+paper layout: a state_dict trained on it would silently compute something else on another.
+"""
+import dataclasses
 import os
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.error import URLError
 from urllib.parse import urlparse
@@ -9,6 +19,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from contract import RANDOM_WEIGHTS_NOTE, Weights, sha256_of
+from model_defs.keras_mobilenet import (KerasMobileNetV1, KerasVariant, KerasWeightsError, keras_state_dict,
+                                        keras_variant, read_keras_weights)
+from model_defs.megvii_shufflenet import (MEGVII_PREPROCESSING, MegviiShuffleNetV1, checkpoint_variant,
+                                          megvii_state_dict, paper_variant)
 from model_defs.registry import ModelSpec
 from model_defs.synthetic import synthetic_images
 
@@ -26,6 +40,13 @@ class CheckpointUnavailable(WeightsError):
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"{name}: {reason}")
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    spec: ModelSpec  # as built: its builder, preprocessing and layout are those the weights need
+    model: nn.Module  # in eval mode
+    weights: Weights
 
 
 # --- random ---------------------------------------------------------------------------------
@@ -104,13 +125,27 @@ def load_strict(name: str, model: nn.Module, state_dict: object, origin: str) ->
         raise WeightsError(f"{name}: {origin} does not match the model; {'; '.join(problems)}") from None
 
 
-# --- imagenet -------------------------------------------------------------------------------
+# --- imagenet ---------------------------------------------------------------------------------
 
-def imagenet_weights(spec: ModelSpec, model: nn.Module) -> Weights:
-    """torchvision's checkpoint through torch.hub: cached under $TORCH_HOME, sha256 prefix checked."""
+MEGVII_HINT = ("megvii publishes its ShuffleNetV1 ImageNet checkpoints behind a download page, not a URL "
+               "to fetch: save one as <name>.pth in a folder and pass --weights FOLDER")
+
+
+def imagenet_weights(spec: ModelSpec, pinned_sha256: str | None = None) -> BuiltModel:
+    """torchvision's checkpoint for the model, or Keras's file for a MobileNetV1 variant."""
+    variant = keras_variant(spec.name) if spec.checkpoint_url is None else None
+    if variant is not None:
+        return keras_imagenet_weights(spec, variant, pinned_sha256)
     if spec.checkpoint_url is None:
-        raise CheckpointUnavailable(spec.name, "no ImageNet checkpoint exists for this model")
+        reason = MEGVII_HINT if spec.name.startswith("shufflenetv1") else "no ImageNet checkpoint exists for this model"
+        raise CheckpointUnavailable(spec.name, reason)
+    return torchvision_weights(spec, pinned_sha256)
+
+
+def torchvision_weights(spec: ModelSpec, pinned_sha256: str | None) -> BuiltModel:
+    """torchvision's checkpoint through torch.hub: cached under $TORCH_HOME, sha256 prefix checked."""
     url = spec.checkpoint_url
+    model = spec.builder()
     try:
         state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False,
                                                         check_hash=True, weights_only=True)
@@ -121,22 +156,81 @@ def imagenet_weights(spec: ModelSpec, model: nn.Module) -> Weights:
     except (URLError, OSError) as error:
         raise CheckpointUnavailable(spec.name, f"cannot download {url} ({error})") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    digest = checked_sha256(spec.name, cached, pinned_sha256)
     load_strict(spec.name, model, state_dict, f"checkpoint {url}")
-    return Weights(kind="imagenet", source=url, sha256=sha256_of(cached))
+    return BuiltModel(spec, model, Weights(kind="imagenet", source=url, sha256=digest, sha256_verified=True))
+
+
+def keras_imagenet_weights(spec: ModelSpec, variant: KerasVariant, pinned_sha256: str | None) -> BuiltModel:
+    """Keras's HDF5 file for the variant, downloaded once into $TORCH_HOME's hub cache, converted."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / variant.file_name
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:  # writes a temporary file and renames it when complete
+            torch.hub.download_url_to_file(variant.url, str(cached), progress=False)
+        except (URLError, OSError) as error:
+            raise CheckpointUnavailable(spec.name, f"cannot download {variant.url} ({error})") from None
+    built = keras_file_weights(spec, variant, cached, pinned_sha256, kind="imagenet", source=variant.url)
+    if pinned_sha256 is None:
+        note = (f"sha256 not verified: Keras publishes no hash for {variant.file_name}; pin the one you "
+                f"trust with --weights-sha256 {spec.name}=<sha256>.")
+        built = dataclasses.replace(built, weights=built.weights.model_copy(update={"note": note}))
+    return built
+
+
+def keras_file_weights(spec: ModelSpec, variant: KerasVariant, path: Path, pinned_sha256: str | None,
+                       kind: str, source: str) -> BuiltModel:
+    """A Keras MobileNetV1 HDF5 file, converted into the network Keras builds (TensorFlow's layout)."""
+    digest = checked_sha256(spec.name, path, pinned_sha256)
+    try:
+        state_dict = keras_state_dict(read_keras_weights(path), variant.alpha)
+    except KerasWeightsError as error:
+        raise WeightsError(f"{spec.name}: {path.name}: {error}") from None
+    model = KerasMobileNetV1(variant.alpha)
+    load_strict(spec.name, model, state_dict, path.name)
+    keras_spec = dataclasses.replace(spec, builder=partial(KerasMobileNetV1, variant.alpha),
+                                     preprocessing=variant.preprocessing, layout="keras")
+    return BuiltModel(keras_spec, model, Weights(kind=kind, source=source, sha256=digest,
+                                                 sha256_verified=pinned_sha256 is not None))
+
+
+def checked_sha256(name: str, path: Path, pinned_sha256: str | None) -> str:
+    """The file's sha256, which must equal the pinned one when there is one."""
+    digest = sha256_of(path)
+    if pinned_sha256 is not None and digest != pinned_sha256.lower():
+        raise WeightsError(f"{name}: {path.name} has sha256 {digest}, not the pinned {pinned_sha256.lower()} "
+                           "(--weights-sha256): a different or damaged file")
+    return digest
 
 
 # --- custom ---------------------------------------------------------------------------------
 
-def custom_weights(spec: ModelSpec, model: nn.Module, directory: Path) -> Weights:
-    """`<directory>/<name>.pth` (a state_dict) or `<directory>/<name>.safetensors`, loaded strictly."""
-    candidates = [directory / f"{spec.name}{suffix}" for suffix in (".pth", ".safetensors")]
+def weights_files(spec: ModelSpec, directory: Path) -> list[Path]:
+    """Where in `directory` the model's own weights may be, in order of preference."""
+    names = [f"{spec.name}.pth", f"{spec.name}.safetensors"]
+    variant = keras_variant(spec.name)
+    if variant is not None:
+        names += [f"{spec.name}.h5", variant.file_name]
+    return [directory / name for name in names]
+
+
+def custom_weights(spec: ModelSpec, directory: Path, pinned_sha256: str | None = None) -> BuiltModel:
+    """The one weights file for the model in `directory` (see `weights_files`), loaded strictly.
+
+    A Keras HDF5 file is converted; a .pth in megvii's ShuffleNetV1 layout is recognised by its keys.
+    """
+    candidates = weights_files(spec, directory)
     found = [path for path in candidates if path.is_file()]
     if not found:
         raise WeightsError(f"{spec.name}: no weights file in {directory} "
-                           f"(expected {candidates[0].name} or {candidates[1].name})")
+                           f"(expected {', '.join(path.name for path in candidates[:-1])} or {candidates[-1].name})")
     if len(found) > 1:
-        raise WeightsError(f"{spec.name}: both {found[0].name} and {found[1].name} exist in {directory}; keep one")
+        raise WeightsError(f"{spec.name}: {' and '.join(path.name for path in found)} exist in {directory}; keep one")
     path = found[0]
+    if path.suffix == ".h5":
+        return keras_file_weights(spec, keras_variant(spec.name), path, pinned_sha256, kind="custom",
+                                  source=path.name)
+    digest = checked_sha256(spec.name, path, pinned_sha256)
     try:
         if path.suffix == ".pth":
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -144,27 +238,63 @@ def custom_weights(spec: ModelSpec, model: nn.Module, directory: Path) -> Weight
             state_dict = load_file(path)
     except Exception as error:  # a corrupt or foreign file: report which one, whatever the reader raised
         raise WeightsError(f"{spec.name}: cannot read {path}: {error}") from None
+    record = Weights(kind="custom", source=path.name, sha256=digest, sha256_verified=pinned_sha256 is not None)
+    megvii = megvii_state_dict(state_dict)
+    if megvii is not None:
+        return megvii_weights(spec, megvii, path.name, record)
+    model = spec.builder()
     load_strict(spec.name, model, state_dict, path.name)
-    return Weights(kind="custom", source=path.name, sha256=sha256_of(path))
+    return BuiltModel(spec, model, record)
+
+
+def megvii_weights(spec: ModelSpec, state_dict: dict, origin: str, record: Weights) -> BuiltModel:
+    """A megvii ShuffleNetV1 checkpoint of the model's variant, into megvii's layout."""
+    paper = paper_variant(spec.builder())
+    if paper is None:
+        raise WeightsError(f"{spec.name}: {origin} is a megvii ShuffleNetV1 checkpoint, but {spec.name} "
+                           "is not a ShuffleNetV1")
+    try:
+        held = checkpoint_variant(state_dict)
+    except ValueError as error:
+        raise WeightsError(f"{spec.name}: {origin}: {error}") from None
+    if held != paper:
+        raise WeightsError(f"{spec.name}: {origin} is megvii's ShuffleNetV1 {held}, the model is {paper}: "
+                           "the checkpoint of another variant")
+    if held.width is None:
+        raise WeightsError(f"{spec.name}: {origin} is a ShuffleNetV1 {held}, a size megvii does not publish")
+    model = MegviiShuffleNetV1(held.groups, held.width)
+    load_strict(spec.name, model, state_dict, origin)
+    megvii_spec = dataclasses.replace(spec, builder=partial(MegviiShuffleNetV1, held.groups, held.width),
+                                      preprocessing=MEGVII_PREPROCESSING, layout="megvii")
+    return BuiltModel(megvii_spec, model, record)
 
 
 # --- the choice the CLI offers --------------------------------------------------------------
 
-def build_with_weights(spec: ModelSpec, weights: str, seed: int = 0,
-                       allow_random_fallback: bool = False) -> tuple[nn.Module, Weights]:
-    """Build `spec`'s model in eval mode with `weights`: "random", "imagenet" or a directory path."""
-    model = spec.builder()
+def build_with_weights(spec: ModelSpec, weights: str, seed: int = 0, allow_random_fallback: bool = False,
+                       pinned_sha256: str | None = None) -> BuiltModel:
+    """Build `spec`'s model in eval mode with `weights`: "random", "imagenet" or a directory path.
+
+    `pinned_sha256`: the hash the weights file must have (checked before it is read).
+    """
     if weights == "random":
-        record = random_weights(spec, model, seed)
+        if pinned_sha256 is not None:
+            raise WeightsError(f"{spec.name}: a sha256 is pinned, but random weights come from no file")
+        built = random_model(spec, seed)
     elif weights == "imagenet":
         try:
-            record = imagenet_weights(spec, model)
+            built = imagenet_weights(spec, pinned_sha256)
         except CheckpointUnavailable as error:
-            if not allow_random_fallback:
+            if not allow_random_fallback or pinned_sha256 is not None:  # a pinned file is wanted, not another
                 raise
-            model = spec.builder()
-            record = random_weights(spec, model, seed,
-                                    note=f"ImageNet weights were requested: {error.reason}. {RANDOM_WEIGHTS_NOTE}")
+            built = random_model(spec, seed, f"ImageNet weights were requested: {error.reason}. {RANDOM_WEIGHTS_NOTE}")
     else:
-        record = custom_weights(spec, model, Path(weights))
-    return model.eval(), record
+        built = custom_weights(spec, Path(weights), pinned_sha256)
+    built.model.eval()
+    return built
+
+
+def random_model(spec: ModelSpec, seed: int, note: str = RANDOM_WEIGHTS_NOTE) -> BuiltModel:
+    """The paper layout with calibrated random weights."""
+    model = spec.builder()
+    return BuiltModel(spec, model, random_weights(spec, model, seed, note))

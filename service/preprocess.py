@@ -1,7 +1,9 @@
 """Image bytes in, float32 NCHW array out, exactly as the model repository contract says.
 
-The steps are torchvision's `Resize(resize) + CenterCrop(crop) + ToTensor() + Normalize(mean, std)`
-on a PIL image. This module knows nothing of ONNX or HTTP; it raises the errors in `errors`.
+The steps are those the model's weights were trained with, as its metadata names them: by default
+torchvision's `Resize(resize) + CenterCrop(crop) + ToTensor() + Normalize(mean, std)` on a PIL
+image; also the longer side rounded, both sides squashed, resizing without antialiasing, BGR and
+unnormalised 0-255 input. This module knows nothing of ONNX or HTTP; it raises the errors in `errors`.
 
 Choices a caller should know:
 - Transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited on white,
@@ -10,6 +12,8 @@ Choices a caller should know:
   Pillow's own convert() would clip everything above 255 to white.
 - A JPEG is decoded with Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while decoding,
   never below the resize target on the shorter side, so a 12 MP photo is not decoded at full size.
+  Not for a model resized without antialiasing: its weights saw individual source pixels, and a
+  reduced decode would average them first.
 - Only the first frame of an animated image (GIF, WebP, APNG) or page of a TIFF is used; nothing
   counts or visits the other frames.
 - A 32-bit float image (mode F, from TIFF) is scaled by its real range: all values within 0..1 are
@@ -43,7 +47,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from contract import Preprocessing
+from contract import Preprocessing, ResizeRule
 from service.errors import (EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage,
                             UnsupportedImageFormat)
 
@@ -94,7 +98,7 @@ def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
             raise ImageTooLarge(max_pixels, width, height)
         image_format = image.format or "unknown"
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        if image_format == "JPEG":
+        if image_format == "JPEG" and preprocessing.antialias:
             # Ask for at least resize x resize: libjpeg then keeps the shorter side >= resize.
             image.draft(image.mode, (preprocessing.resize, preprocessing.resize))
         image.load()
@@ -242,33 +246,27 @@ def _levels_to_rgb(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
-def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
-    """Shorter side to `resize`, longer side truncated, as torchvision's Resize(int) computes it."""
-    if width <= height:
-        return resize, int(resize * height / width)
-    return int(resize * width / height), resize
+def resized_size(width: int, height: int, resize: int, rule: ResizeRule = "shorter_side") -> tuple[int, int]:
+    """The image's size after the resize `rule` of docs/model-repository.md."""
+    if rule == "squash":
+        return resize, resize
+    short, long = min(width, height), max(width, height)
+    # torchvision truncates the longer side; megvii's OpenCV resize rounds it.
+    new_long = int(resize * long / short + (0.5 if rule == "shorter_side_rounded" else 0))
+    return (resize, new_long) if width <= height else (new_long, resize)
 
 
 def to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """Resize, centre-crop and normalise an RGB image into a (1, 3, crop, crop) float32 array."""
     p = preprocessing
-    width, height = resized_size(*image.size, p.resize)
+    width, height = resized_size(*image.size, p.resize, p.resize_rule)
     top = int(round((height - p.crop) / 2.0))
     left = int(round((width - p.crop) / 2.0))
-    # Resample only what the centre crop keeps, in Pillow's own order (horizontal pass, then
-    # vertical) and with `box`, which keeps the full resize's scale and filter support: the result
-    # is resize-then-crop's but for float rounding (one level on under 0.05 % of values), at about
-    # half the cost for a photo, and a 1 x 100000 strip never becomes a gigabyte image.
     sx, sy = image.width / width, image.height / height
-    reach = math.ceil(FILTER_SUPPORT[p.interpolation] * max(sy, 1.0)) + 1  # source rows per output row
-    first = max(0, int(top * sy) - reach)
-    last = min(image.height, math.ceil((top + p.crop) * sy) + reach)
-    rows = image.crop((0, first, image.width, last))
-    resample = INTERPOLATION[p.interpolation]
-    rows = rows.resize((p.crop, rows.height), resample, box=(left * sx, 0, (left + p.crop) * sx, rows.height))
-    image = rows.resize((p.crop, p.crop), resample,
-                        box=(0, top * sy - first, p.crop, (top + p.crop) * sy - first))
-    pixels = np.asarray(image)
+    if p.antialias:
+        pixels = np.asarray(_filtered_crop(image, p, sx, sy, left, top))
+    else:
+        pixels = _unfiltered_crop(image, p.crop, sx, sy, left, top)
     table = _normalisation_table(p.scale, p.mean, p.std)
     x = np.empty((1, 3, p.crop, p.crop), dtype=np.float32)
     for channel, source in enumerate((2, 1, 0) if p.color == "BGR" else (0, 1, 2)):
@@ -286,6 +284,48 @@ def to_picture(tensor: np.ndarray, preprocessing: Preprocessing) -> Image.Image:
     if p.color == "BGR":
         levels = levels[::-1]
     return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+def _filtered_crop(image: Image.Image, p: Preprocessing, sx: float, sy: float, left: int,
+                   top: int) -> Image.Image:
+    """The centre crop of Pillow's (antialiased) resize, resampling only what the crop keeps."""
+    # Pillow's own order (horizontal pass, then vertical) and `box`, which keeps the full resize's
+    # scale and filter support: the result is resize-then-crop's but for float rounding (one level
+    # on under 0.05 % of values), at about half the cost for a photo, and a 1 x 100000 strip never
+    # becomes a gigabyte image.
+    reach = math.ceil(FILTER_SUPPORT[p.interpolation] * max(sy, 1.0)) + 1  # source rows per output row
+    first = max(0, int(top * sy) - reach)
+    last = min(image.height, math.ceil((top + p.crop) * sy) + reach)
+    rows = image.crop((0, first, image.width, last))
+    resample = INTERPOLATION[p.interpolation]
+    rows = rows.resize((p.crop, rows.height), resample, box=(left * sx, 0, (left + p.crop) * sx, rows.height))
+    return rows.resize((p.crop, p.crop), resample,
+                       box=(0, top * sy - first, p.crop, (top + p.crop) * sy - first))
+
+
+def _unfiltered_crop(image: Image.Image, crop: int, sx: float, sy: float, left: int,
+                     top: int) -> np.ndarray:
+    """(crop, crop, 3) uint8: the centre crop of a bilinear resize without antialiasing.
+
+    OpenCV's INTER_LINEAR rule: output pixel i samples source position (i + 0.5) * scale - 0.5,
+    clamped to the image, between its two neighbours on each axis. Computed in float32 and
+    rounded; OpenCV's fixed-point arithmetic differs from it by at most one level.
+    """
+    y_low, y_high, y_weight = _bilinear_taps(top, crop, sy, image.height)
+    x_low, x_high, x_weight = _bilinear_taps(left, crop, sx, image.width)
+    box = (int(x_low[0]), int(y_low[0]), int(x_high[-1]) + 1, int(y_high[-1]) + 1)
+    window = np.asarray(image.crop(box), dtype=np.float32)  # only the source pixels sampled
+    y_low, y_high, x_low, x_high = y_low - box[1], y_high - box[1], x_low - box[0], x_high - box[0]
+    rows = window[y_low] + (window[y_high] - window[y_low]) * y_weight[:, None, None]
+    pixels = rows[:, x_low] + (rows[:, x_high] - rows[:, x_low]) * x_weight[None, :, None]
+    return np.rint(pixels).astype(np.uint8)
+
+
+def _bilinear_taps(start: int, count: int, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For outputs start..start+count-1: the lower and upper source index and the upper's weight."""
+    position = np.clip((np.arange(start, start + count) + 0.5) * scale - 0.5, 0, limit - 1)
+    low = np.floor(position).astype(np.intp)
+    return low, np.minimum(low + 1, limit - 1), (position - low).astype(np.float32)
 
 
 @lru_cache(maxsize=64)

@@ -22,6 +22,9 @@ class ModelInfo(BaseModel):
     load_ms: float | None = Field(None, description="Hash check + session creation.")
     warmup_ms: float | None = Field(None, description="Warm-up runs and the choice of threads.")
     weights_note: str | None = None
+    weights_source: str | None = Field(None, description="Where the weights came from: seed, URL or file.")
+    preprocessing: str | None = Field(None, description="The preprocessing the weights were trained with, "
+                                                        "in one line; `metadata.preprocessing` has it exactly.")
     metadata: ModelMetadata | None = Field(None, description="metadata.json as it stands.")
 
 
@@ -133,4 +136,6 @@ def model_info(state: ModelState, engine: Engine) -> ModelInfo:
                      inference_workers=engine.workers,
                      load_ms=served.load_ms if served else None,
                      warmup_ms=served.warmup_ms if served else None,
-                     weights_note=weights_info(meta).note if meta else None, metadata=meta)
+                     weights_note=weights_info(meta).note if meta else None,
+                     weights_source=meta.weights.source if meta else None,
+                     preprocessing=meta.preprocessing.describe() if meta else None, metadata=meta)

@@ -14,7 +14,7 @@ LABELS = ["cat", "dog"]
 
 def metadata_for(name: str, model_bytes: bytes = MODEL_BYTES) -> ModelMetadata:
     return ModelMetadata.model_validate({
-        "schema_version": 1, "name": name, "architecture": "Tiny", "model_file": "model.onnx",
+        "schema_version": 2, "name": name, "architecture": "Tiny", "model_file": "model.onnx",
         "onnx": {"opset": 18, "size_bytes": len(model_bytes), "sha256": hashlib.sha256(model_bytes).hexdigest()},
         "input": {"name": "input", "dtype": "float32", "layout": "NCHW", "shape": [None, 3, 8, 8]},
         "output": {"name": "logits", "dtype": "float32", "shape": [None, len(LABELS)], "kind": "logits"},
@@ -73,3 +73,33 @@ def test_a_folder_named_differently_from_its_model_fails(tmp_path):
     model_folder(tmp_path, "renamed", metadata_for("tiny"))
     [folder] = discover(tmp_path)
     assert folder.metadata is None and "'tiny'" in folder.error and "'renamed'" in folder.error
+
+
+def test_a_version_1_file_reads_with_the_preprocessing_and_layout_it_always_meant(tmp_path):
+    """Version 2 added the resize rule, antialiasing, the layout and sha256_verified, defaulting to v1's."""
+    folder = model_folder(tmp_path, "tiny")
+    written = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    for key in ("resize_rule", "antialias"):
+        del written["preprocessing"][key]
+    del written["layout"], written["weights"]["sha256_verified"]
+    (folder / "metadata.json").write_text(json.dumps({**written, "schema_version": 1}), encoding="utf-8")
+    metadata = read_metadata(folder)
+    assert metadata.schema_version == 1 and metadata.layout == "paper"
+    p = metadata.preprocessing
+    assert (p.resize_rule, p.antialias, p.interpolation, p.color, p.scale) == ("shorter_side", True, "bilinear", "RGB", 255.0)
+
+
+@pytest.mark.parametrize("change, cause", [
+    ({"schema_version": 3}, "schema_version"),
+    ({"preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1], "resize_rule": "fit"}},
+     "resize_rule"),
+    ({"preprocessing": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1], "antialias": False,
+                        "interpolation": "bicubic"}}, "antialias false is defined for bilinear"),
+    ({"layout": "caffe"}, "layout"),
+], ids=["version", "resize-rule", "unfiltered-bicubic", "layout"])
+def test_metadata_the_service_could_not_follow_fails_the_model_naming_the_field(tmp_path, change, cause):
+    folder = model_folder(tmp_path, "tiny")
+    written = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    (folder / "metadata.json").write_text(json.dumps({**written, **change}), encoding="utf-8")
+    with pytest.raises(ModelLoadError, match=cause):
+        read_metadata(folder)

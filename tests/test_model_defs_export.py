@@ -18,7 +18,7 @@ from model_defs.weights import build_with_weights
 from tests.test_model_defs_weights import preprocess
 
 EXPORT = [sys.executable, "-m", "model_defs.export"]
-METADATA_KEYS = {"schema_version", "name", "architecture", "paper", "model_file", "optimized_model_file", "onnx",
+METADATA_KEYS = {"schema_version", "name", "architecture", "layout", "paper", "model_file", "optimized_model_file", "onnx",
                  "input", "output", "preprocessing", "labels", "params", "macs", "weights", "export",
                  "quantization"}
 
@@ -31,7 +31,7 @@ def session(folder: Path) -> onnxruntime.InferenceSession:
 def assert_model_folder_is_consistent(folder: Path) -> dict:
     metadata = json.loads((folder / "metadata.json").read_text())
     assert set(metadata) == METADATA_KEYS
-    assert metadata["schema_version"] == 1 and metadata["name"] == folder.name
+    assert metadata["schema_version"] == 2 and metadata["name"] == folder.name
     onnx_bytes = (folder / metadata["model_file"]).read_bytes()
     assert metadata["onnx"] == {"opset": 18, "size_bytes": len(onnx_bytes),
                                 "sha256": hashlib.sha256(onnx_bytes).hexdigest()}
@@ -42,8 +42,9 @@ def assert_model_folder_is_consistent(folder: Path) -> dict:
     assert metadata["output"] == {"name": "logits", "dtype": "float32", "shape": [None, len(labels)],
                                   "kind": "logits"}
     assert metadata["labels"]["count"] == len(labels)
-    assert set(metadata["preprocessing"]) == {"resize", "interpolation", "crop", "color", "scale", "mean", "std"}
-    assert set(metadata["weights"]) == {"kind", "source", "sha256", "note"}
+    assert set(metadata["preprocessing"]) == {"resize", "resize_rule", "interpolation", "antialias", "crop", "color",
+                                              "scale", "mean", "std"}
+    assert set(metadata["weights"]) == {"kind", "source", "sha256", "sha256_verified", "note"}
     assert set(metadata["export"]) == {"torch", "onnx", "onnxruntime", "created_utc", "parity"}
     assert metadata["export"]["parity"]["batch_sizes"] == [1, 4]
     assert metadata["export"]["parity"]["top5_equal"] is True
@@ -73,7 +74,9 @@ def test_every_model_folder_in_the_exported_repository_follows_the_contract(mode
             if name == "effnet" else  # torchvision's ImageNet evaluation transform
             {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
         assert metadata["preprocessing"] == {**expected_preprocessing, "interpolation": "bilinear",
+                                             "resize_rule": "shorter_side", "antialias": True,
                                              "color": "RGB", "scale": 255.0}
+        assert metadata["layout"] == "paper", "random weights keep the paper layout"
         assert metadata["labels"]["set"] == ("cifar-10" if name == "effnet" else "imagenet-1k")
         assert metadata["params"] == sum(p.numel() for p in spec.builder().parameters())
 
@@ -82,7 +85,7 @@ def test_every_model_folder_in_the_exported_repository_follows_the_contract(mode
 def test_onnx_file_matches_pytorch_on_real_photos_at_batch_1_and_4(name, model_repository, photos):
     """The repository's file against a freshly built model: same seed, so the same random weights."""
     spec = MODELS[name]
-    model, _ = build_with_weights(spec, "random", seed=0)
+    model = build_with_weights(spec, "random", seed=0).model
     runtime = session(model_repository / name)
     batch = torch.stack([preprocess(path, spec.preprocessing) for path in photos.values()][:4])
     for x in (batch[:1], batch):
@@ -96,7 +99,7 @@ def test_onnx_file_matches_pytorch_on_real_photos_at_batch_1_and_4(name, model_r
 
 def test_export_refuses_an_onnx_file_that_computes_something_else(tmp_path):
     spec = MODELS["effnet"]
-    model, _ = build_with_weights(spec, "random")
+    model = build_with_weights(spec, "random").model
     export_onnx(model, spec, tmp_path / "model.onnx")
     check_parity(model, spec, tmp_path / "model.onnx", seed=1)
     with torch.no_grad():
@@ -131,7 +134,7 @@ def test_cli_exports_the_chosen_models_and_prints_a_summary(tmp_path):
 
 def test_cli_exports_custom_weights_and_records_their_file(tmp_path):
     spec = MODELS["effnet"]
-    trained, _ = build_with_weights(spec, "random", seed=11)
+    trained = build_with_weights(spec, "random", seed=11).model
     weights_dir = tmp_path / "weights"
     weights_dir.mkdir()
     save_file(trained.state_dict(), str(weights_dir / "effnet.safetensors"))
@@ -141,7 +144,7 @@ def test_cli_exports_custom_weights_and_records_their_file(tmp_path):
     assert result.returncode == 0, result.stderr
     metadata = assert_model_folder_is_consistent(tmp_path / "repo" / "effnet")
     assert metadata["weights"] == {
-        "kind": "custom", "source": "effnet.safetensors", "note": None,
+        "kind": "custom", "source": "effnet.safetensors", "note": None, "sha256_verified": False,
         "sha256": hashlib.sha256((weights_dir / "effnet.safetensors").read_bytes()).hexdigest()}
     x = torch.randn(2, 3, 32, 32)
     (got,) = session(tmp_path / "repo" / "effnet").run(None, {"input": x.numpy()})
@@ -193,6 +196,6 @@ def test_cli_names_the_model_whose_checkpoint_is_missing_from_the_weights_folder
     assert_fails_with_one_line(result, "no checkpoint for shufflenetv1", "shufflenetv1.pth")
 
 
-def test_cli_refuses_imagenet_for_a_model_without_a_checkpoint(tmp_path):
-    result = run_export("--out", str(tmp_path), "--models", "mobilenetv1", "--weights", "imagenet")
-    assert_fails_with_one_line(result, "mobilenetv1: no ImageNet checkpoint", "--allow-random-fallback")
+def test_cli_refuses_imagenet_for_a_model_without_a_downloadable_checkpoint(tmp_path):
+    result = run_export("--out", str(tmp_path), "--models", "shufflenetv1", "--weights", "imagenet")
+    assert_fails_with_one_line(result, "shufflenetv1: megvii publishes", "--weights FOLDER", "--allow-random-fallback")

@@ -36,7 +36,8 @@ def logits_for(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", MODELS)
 def test_random_weights_give_different_photos_different_answers(name, photos):
     spec = MODELS[name]
-    model, record = build_with_weights(spec, "random", seed=0)
+    built = build_with_weights(spec, "random", seed=0)
+    model, record = built.model, built.weights
     assert record.kind == "random" and "meaningless" in record.note
     batch = torch.stack([preprocess(path, spec.preprocessing) for path in photos.values()])
     logits = logits_for(model, batch)
@@ -50,9 +51,9 @@ def test_random_weights_give_different_photos_different_answers(name, photos):
 def test_random_weights_are_the_same_for_the_same_seed_and_differ_for_another():
     spec = MODELS["mobilenetv3_small"]
     x = torch.randn(2, 3, 224, 224)
-    first = logits_for(build_with_weights(spec, "random", seed=0)[0], x)
-    again = logits_for(build_with_weights(spec, "random", seed=0)[0], x)
-    other = logits_for(build_with_weights(spec, "random", seed=1)[0], x)
+    first = logits_for(build_with_weights(spec, "random", seed=0).model, x)
+    again = logits_for(build_with_weights(spec, "random", seed=0).model, x)
+    other = logits_for(build_with_weights(spec, "random", seed=1).model, x)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
 
@@ -67,10 +68,11 @@ def save_checkpoint(state_dict: dict, path: Path) -> None:
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_custom_checkpoint_round_trip_gives_identical_outputs(tmp_path, suffix):
     spec = MODELS["shufflenetv2"]
-    trained, _ = build_with_weights(spec, "random", seed=7)
+    trained = build_with_weights(spec, "random", seed=7).model
     save_checkpoint(trained.state_dict(), tmp_path / f"shufflenetv2{suffix}")
 
-    loaded, record = build_with_weights(spec, str(tmp_path))
+    built = build_with_weights(spec, str(tmp_path))
+    loaded, record = built.model, built.weights
 
     x = torch.randn(2, 3, 224, 224)
     assert torch.equal(logits_for(loaded, x), logits_for(trained, x))
@@ -81,7 +83,7 @@ def test_custom_checkpoint_round_trip_gives_identical_outputs(tmp_path, suffix):
 
 
 def test_a_checkpoint_of_another_network_is_refused_naming_the_model_and_keys(tmp_path):
-    other, _ = build_with_weights(MODELS["mobilenetv3_small"], "random")
+    other = build_with_weights(MODELS["mobilenetv3_small"], "random").model
     torch.save(other.state_dict(), tmp_path / "mobilenetv3_large.pth")
     with pytest.raises(WeightsError) as error:
         build_with_weights(MODELS["mobilenetv3_large"], str(tmp_path))
@@ -93,7 +95,7 @@ def test_a_checkpoint_of_another_network_is_refused_naming_the_model_and_keys(tm
 
 
 def test_a_checkpoint_missing_one_tensor_is_refused_naming_it(tmp_path):
-    model, _ = build_with_weights(MODELS["effnet"], "random")
+    model = build_with_weights(MODELS["effnet"], "random").model
     state_dict = model.state_dict()
     del state_dict["features.2.4.1.running_var"]
     save_file(state_dict, str(tmp_path / "effnet.safetensors"))
@@ -119,11 +121,12 @@ def fake_torchvision_checkpoint(directory: Path, stem: str, state_dict: dict, ha
 
 def test_imagenet_weights_load_through_torch_hub_with_the_hash_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    published, _ = build_with_weights(MODELS["mobilenetv3_small"], "random", seed=3)
+    published = build_with_weights(MODELS["mobilenetv3_small"], "random", seed=3).model
     url = fake_torchvision_checkpoint(tmp_path, "mobilenet_v3_small", published.state_dict())
     spec = dataclasses.replace(MODELS["mobilenetv3_small"], checkpoint_url=url)
 
-    model, record = build_with_weights(spec, "imagenet")
+    built = build_with_weights(spec, "imagenet")
+    model, record = built.model, built.weights
 
     x = torch.randn(1, 3, 224, 224)
     assert torch.equal(logits_for(model, x), logits_for(published, x))
@@ -135,7 +138,7 @@ def test_imagenet_weights_load_through_torch_hub_with_the_hash_checked(tmp_path,
 
 def test_imagenet_checkpoint_with_a_wrong_hash_is_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    published, _ = build_with_weights(MODELS["mobilenetv3_small"], "random")
+    published = build_with_weights(MODELS["mobilenetv3_small"], "random").model
     url = fake_torchvision_checkpoint(tmp_path, "mobilenet_v3_small", published.state_dict(), "deadbeef")
     spec = dataclasses.replace(MODELS["mobilenetv3_small"], checkpoint_url=url)
     with pytest.raises(WeightsError, match="mobilenetv3_small: .*hash"):
@@ -143,14 +146,15 @@ def test_imagenet_checkpoint_with_a_wrong_hash_is_rejected(tmp_path, monkeypatch
 
 
 def test_imagenet_for_a_network_without_a_checkpoint_is_an_error_naming_it():
-    with pytest.raises(CheckpointUnavailable, match="mobilenetv1: no ImageNet checkpoint"):
-        build_with_weights(MODELS["mobilenetv1"], "imagenet")
+    with pytest.raises(CheckpointUnavailable, match="effnet: no ImageNet checkpoint"):
+        build_with_weights(MODELS["effnet"], "imagenet")
 
 
 def test_random_fallback_is_recorded_when_imagenet_weights_do_not_exist():
-    model, record = build_with_weights(MODELS["effnet"], "imagenet", allow_random_fallback=True)
+    built = build_with_weights(MODELS["effnet"], "imagenet", allow_random_fallback=True)
+    model, record = built.model, built.weights
     assert record.kind == "random"
     assert "ImageNet weights were requested" in record.note
-    expected, _ = build_with_weights(MODELS["effnet"], "random")
+    expected = build_with_weights(MODELS["effnet"], "random").model
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(logits_for(model, x), logits_for(expected, x))

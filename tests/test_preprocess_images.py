@@ -193,3 +193,53 @@ def test_a_truncated_jpeg_is_reported_as_truncated(photos):
     data = photos["rocket"].read_bytes()
     with pytest.raises(UndecodableImage, match="truncated"):
         served(data[: len(data) // 3])
+
+
+# --- preprocessing that comes with the weights (docs/model-repository.md, version 2) ----------
+
+MEGVII = Preprocessing(resize=256, crop=224, resize_rule="shorter_side_rounded", antialias=False, color="BGR",
+                       scale=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def opencv_reference(image: Image.Image, size: int = 256, crop: int = 224) -> np.ndarray:
+    """(1, 3, crop, crop) BGR 0-255: OpenCV's bilinear resize of the shorter side, longer side rounded."""
+    import cv2  # a test tool only: the service does not depend on OpenCV
+
+    rgb = np.asarray(image)
+    height, width = rgb.shape[:2]
+    target = (int(size / height * width + 0.5), size) if height < width else (size, int(size / width * height + 0.5))
+    resized = cv2.resize(rgb, target, interpolation=cv2.INTER_LINEAR)
+    top, left = int(round((resized.shape[0] - crop) / 2)), int(round((resized.shape[1] - crop) / 2))
+    return resized[top:top + crop, left:left + crop, ::-1].transpose(2, 0, 1)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (255, 400), (1000, 257), (120, 90), (640, 480)])
+def test_bgr_0_255_with_opencv_resize_is_within_one_level_of_opencv(chelsea, size):
+    """Shrinking and enlarging, rounding the longer side up (255 x 400 -> 256 x 402) or down."""
+    image = chelsea.resize(size)
+    difference = np.abs(preprocess(encode(image, "PNG"), MEGVII, NO_LIMIT) - opencv_reference(image))
+    # OpenCV interpolates in fixed point; measured on the test photos: 6-13 % of values one level off.
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.2
+
+
+def test_bgr_reverses_the_channels_and_scale_1_keeps_the_8_bit_levels():
+    colour = (200, 100, 7)
+    tensor = preprocess(encode(Image.new("RGB", (300, 260), colour), "PNG"), MEGVII, NO_LIMIT)
+    assert [np.unique(tensor[0, c]).tolist() for c in range(3)] == [[7.0], [100.0], [200.0]]
+
+
+def test_a_large_jpeg_is_decoded_whole_when_the_resize_has_no_antialiasing(chelsea):
+    """Weights trained without antialiasing saw single source pixels, not libjpeg's reduced ones."""
+    data = encode(chelsea.resize((2000, 1500), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    assert decode(data, MEGVII, NO_LIMIT).image.size == (2000, 1500)
+    assert max(decode(data, PREPROCESSING, NO_LIMIT).image.size) < 2000
+
+
+def test_squash_resizes_both_sides_then_crops_the_centre(chelsea):
+    """TensorFlow's evaluation crop: the aspect ratio is not kept."""
+    squash = Preprocessing(resize=256, crop=224, resize_rule="squash", scale=127.5, mean=(1, 1, 1), std=(1, 1, 1))
+    expected = chelsea.resize((256, 256), Image.Resampling.BILINEAR).crop((16, 16, 240, 240))
+    expected = (np.asarray(expected, np.float32) / 127.5 - 1).transpose(2, 0, 1)[None]
+    difference = np.abs(preprocess(encode(chelsea, "PNG"), squash, NO_LIMIT) - expected)
+    assert difference.max() <= 1.01 / 127.5 and (difference > 1e-5).mean() < 0.01
+    assert expected.min() >= -1 and expected.max() <= 1
