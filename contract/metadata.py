@@ -63,6 +63,15 @@ class Preprocessing(BaseModel):
             raise ValueError(f"antialias false is defined for bilinear interpolation only, not {self.interpolation}")
         return self
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """An image's (width, height) after `resize_rule`, before the centre crop."""
+        if self.resize_rule == "squash":
+            return self.resize, self.resize
+        short, long = min(width, height), max(width, height)
+        # torchvision truncates the longer side; megvii's OpenCV resize rounds it.
+        new_long = int(self.resize * long / short + (0.5 if self.resize_rule == "shorter_side_rounded" else 0))
+        return (self.resize, new_long) if width <= height else (new_long, self.resize)
+
     def describe(self) -> str:
         """One line for people, e.g. for `GET /models`."""
         if len(set(self.mean)) == 1 and len(set(self.std)) == 1:

@@ -47,7 +47,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from contract import Preprocessing, ResizeRule
+from contract import Preprocessing
 from service.errors import (EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage,
                             UnsupportedImageFormat)
 
@@ -246,20 +246,10 @@ def _levels_to_rgb(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
-def resized_size(width: int, height: int, resize: int, rule: ResizeRule = "shorter_side") -> tuple[int, int]:
-    """The image's size after the resize `rule` of docs/model-repository.md."""
-    if rule == "squash":
-        return resize, resize
-    short, long = min(width, height), max(width, height)
-    # torchvision truncates the longer side; megvii's OpenCV resize rounds it.
-    new_long = int(resize * long / short + (0.5 if rule == "shorter_side_rounded" else 0))
-    return (resize, new_long) if width <= height else (new_long, resize)
-
-
 def to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """Resize, centre-crop and normalise an RGB image into a (1, 3, crop, crop) float32 array."""
     p = preprocessing
-    width, height = resized_size(*image.size, p.resize, p.resize_rule)
+    width, height = p.resized_size(*image.size)
     top = int(round((height - p.crop) / 2.0))
     left = int(round((width - p.crop) / 2.0))
     sx, sy = image.width / width, image.height / height

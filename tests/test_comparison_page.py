@@ -107,6 +107,7 @@ def test_the_page_lists_every_model_with_its_facts(browser, server, served):
         text = row.text
         assert model["metadata"]["architecture"] in text
         assert "ready" in text and "FP32" in text
+        assert model["preprocessing"] in text  # what the weights were trained with, as /models says it
         crop = model["metadata"]["preprocessing"]["crop"]
         assert f"{crop}×{crop}" in text
         if model["metadata"]["weights"]["kind"] == "random":

@@ -5,7 +5,6 @@ No weights can be downloaded here, so Keras's MobileNet gets random weights that
 apart, written in the legacy HDF5 layout of the published `mobilenet_<alpha>_<rows>_tf.h5` files,
 and Keras itself reads that file back as the reference.
 """
-import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model_defs.keras_mobilenet import ALPHA_TEXT, keras_variant  # noqa: E402
-from model_defs.registry import MODELS  # noqa: E402
+from model_defs.variants import choose  # noqa: E402
 from model_defs.weights import build_with_weights  # noqa: E402
 from tests.service_fixtures import ready_server  # noqa: E402
 
@@ -284,13 +283,30 @@ def test_the_narrower_keras_files_convert_to_keras_logits_too(alpha, tmp_path, c
     x = calibration[::8, 48:176, 48:176]  # five 128 x 128 crops
     keras_model = random_keras_mobilenet(alpha, calibration[:, 48:176, 48:176], seed=1)
     save_legacy_h5(keras_model, tmp_path / file_name)
-    spec = dataclasses.replace(MODELS["mobilenetv1"], name=name)
-
-    built = build_with_weights(spec, str(tmp_path))
+    built = build_with_weights(choose(name).spec, str(tmp_path))  # the variant `--models` names
 
     assert built.spec.layout == "keras" and built.spec.input_size == 128
     expected = logits_of(keras_model, x)
     with torch.no_grad():
         got = built.model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     assert expected.std() > 0.3 and len(set(expected.argmax(1).tolist())) >= 3
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_a_variant_named_on_the_command_line_exports_from_its_keras_file(tmp_path, calibration):
+    name, file_name = "mobilenetv1_0.5_160", "mobilenet_5_0_160_tf.h5"
+    x = calibration[::8, 32:192, 32:192]  # five 160 x 160 crops
+    keras_model = random_keras_mobilenet(0.5, calibration[:, 32:192, 32:192], seed=2)
+    save_legacy_h5(keras_model, tmp_path / file_name)
+    out = tmp_path / "repository"
+
+    result = run_export("--out", str(out), "--models", name, "--weights", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((out / name / "metadata.json").read_text())
+    assert metadata["layout"] == "keras" and metadata["input"]["shape"] == [None, 3, 160, 160]
+    assert metadata["preprocessing"]["resize_rule"] == "squash" and metadata["preprocessing"]["crop"] == 160
+    session = onnxruntime.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x.transpose(0, 3, 1, 2).copy()})
+    expected = logits_of(keras_model, x)
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

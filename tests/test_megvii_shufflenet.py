@@ -3,13 +3,11 @@ network (shuffle after the depthwise conv, in their order; no classifier bias) a
 the logits of that network as their code defines it, here written out independently as plain
 tensor operations; the service answers with megvii's preprocessing (BGR, 0-255, OpenCV resize).
 """
-import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import cv2
@@ -24,7 +22,7 @@ from PIL import Image
 from model_defs.layers import channel_shuffle
 from model_defs.megvii_shufflenet import megvii_channel_shuffle
 from model_defs.registry import MODELS
-from model_defs.shufflenet import ShuffleNetV1
+from model_defs.variants import choose
 from model_defs.weights import build_with_weights
 from tests.service_fixtures import ready_server
 
@@ -306,11 +304,11 @@ PUBLISHED = {
 @pytest.mark.parametrize("groups, width", PUBLISHED)
 def test_every_published_checkpoint_size_loads_strictly_for_its_variant(groups, width, tmp_path):
     stem, stages, millions = PUBLISHED[groups, width]
+    name = f"shufflenetv1_g{groups}_{width}x"  # the variant `--models` names
     state = megvii_state_dict((groups, stem, stages), seed=2)
-    torch.save(as_saved_by_megvii(state), tmp_path / "shufflenetv1.pth")
-    spec = dataclasses.replace(MODELS["shufflenetv1"], builder=partial(ShuffleNetV1, groups=groups, width_mult=width))
+    torch.save(as_saved_by_megvii(state), tmp_path / f"{name}.pth")
 
-    built = build_with_weights(spec, str(tmp_path))
+    built = build_with_weights(choose(name).spec, str(tmp_path))
 
     assert built.spec.layout == "megvii"
     assert round(sum(p.numel() for p in built.model.parameters()) / 1e6, 1) == millions
@@ -318,3 +316,22 @@ def test_every_published_checkpoint_size_loads_strictly_for_its_variant(groups, 
     with torch.no_grad():
         got, expected = built.model(x), megvii_logits(state, groups, x)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_a_variant_named_on_the_command_line_exports_from_its_megvii_checkpoint(tmp_path):
+    name, (stem, stages, _) = "shufflenetv1_g3_0.5x", PUBLISHED[3, 0.5]
+    state = megvii_state_dict((3, stem, stages), seed=3)
+    torch.save(as_saved_by_megvii(state), tmp_path / f"{name}.pth")
+    out = tmp_path / "repository"
+
+    result = run_export("--out", str(out), "--models", name, "--weights", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((out / name / "metadata.json").read_text())
+    assert metadata["layout"] == "megvii" and metadata["preprocessing"]["color"] == "BGR"
+    x = 255 * torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = megvii_logits(state, 3, x).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

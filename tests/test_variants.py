@@ -140,7 +140,7 @@ def test_the_exported_input_follows_the_resolution(variant_repository, name):
 def test_the_onnx_file_computes_what_pytorch_computes_on_real_photos(variant_repository, photos, name):
     """Against the same network rebuilt with the same seed, at batch 1 and 5."""
     spec = choose(name).spec
-    model, _ = build_with_weights(spec, "random", seed=0)
+    model = build_with_weights(spec, "random", seed=0).model
     batch = np.concatenate([photo_tensor(path, spec.preprocessing) for path in photos.values()])
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
@@ -171,7 +171,7 @@ def test_the_int8_model_records_its_calibration_and_a_drift_one_can_recompute(va
 
     # The drift again, from the FP32 network (rebuilt with the same seed) and the INT8 file.
     spec = choose(INT8).spec
-    model, _ = build_with_weights(spec, "random", seed=0)
+    model = build_with_weights(spec, "random", seed=0).model
     x = np.concatenate([photo_tensor(HELD_OUT_DIR / name, spec.preprocessing) for name in held_out])
     with torch.no_grad():
         fp32 = model(torch.from_numpy(x)).numpy()
@@ -220,7 +220,7 @@ def test_an_int8_model_keeps_the_fp32_answer_where_fp32_is_sure(client, photos):
     """On the test photo where the FP32 network's top-1 leads by the most, the served INT8 model
     gives the same top-1 (random weights: most margins are a small fraction of a logit)."""
     spec = choose(INT8).spec
-    model, _ = build_with_weights(spec, "random", seed=0)
+    model = build_with_weights(spec, "random", seed=0).model
     margins = {}
     for stem, path in photos.items():
         with torch.no_grad():

@@ -82,12 +82,8 @@ const count = (n, unit = "") => {
   return `${n}${unit ? " " + unit : ""}`;
 };
 
-function preprocessingText(p) {
-  if (!p) return "–";
-  const scale = p.scale === 255 ? "0–1" : p.scale === 1 ? "0–255" : `÷${p.scale}`;
-  const imagenet = p.std[0] !== 1 ? ", mean/std" : "";
-  return `resize ${p.resize} ${p.interpolation}, crop ${p.crop}, ${p.color} ${scale}${imagenet}`;
-}
+// A checkpoint URL or path by its file name; the whole source is in the cell's tooltip.
+const sourceName = (source) => source ? source.split(/[\\/]/).pop() : "";
 
 function precisionCell(q) {
   if (!q) return element("td", {}, "FP32");
@@ -114,9 +110,8 @@ function modelRow(m) {
     element("td", { class: "num" }, count(meta.macs)),
     element("td", { class: "num" }, meta.onnx ? count(meta.onnx.size_bytes, "B") : "–"),
     element("td", { class: random ? "warn" : "", title: weights.source || "" },
-      random ? m.weights_note || "Random weights: predictions are meaningless." : `${weights.kind}${weights.source ? ": " + weights.source : ""}`),
-    element("td", { title: meta.preprocessing ? JSON.stringify(meta.preprocessing) : "" },
-      preprocessingText(meta.preprocessing)),
+      random ? m.weights_note || "Random weights: predictions are meaningless." : `${weights.kind}: ${sourceName(weights.source)}`),
+    element("td", { class: "small" }, m.preprocessing || "–"),  // the service's own one-line description
     statusCell);
 }
 
