@@ -34,8 +34,6 @@ NO_MEMORY_LIMIT_ABOVE = 2 ** 60
 @dataclass
 class _ModelStats:
     window: int
-    requests: int = 0
-    errors: int = 0
     first: float | None = None
     last: float | None = None
     statuses: dict[int, int] = field(default_factory=dict)
@@ -86,8 +84,6 @@ class Metrics:
         now = time.monotonic()
         with self._lock:
             stats = self._stats.setdefault(model, _ModelStats(self._window))
-            stats.requests += 1
-            stats.errors += status >= 400
             stats.statuses[status] = stats.statuses.get(status, 0) + 1
             if status < 400:  # throughput counts answered predictions, not refusals
                 stats.first = stats.first or now
@@ -118,11 +114,13 @@ class Metrics:
         """Per model: requests, answers by status, throughput, realised batch sizes and
         mean/p50/p90/p95/p99 per stage in ms."""
         with self._lock:
-            snapshot = {m: (s.requests, s.errors, s.first, s.last, dict(s.statuses),
+            snapshot = {m: (s.first, s.last, dict(s.statuses),
                             dict(s.batch_sizes), {k: list(v) for k, v in s.stages.items()})
                         for m, s in sorted(self._stats.items())}
         models = {}
-        for model, (requests, errors, first, last, statuses, batches, stages) in snapshot.items():
+        for model, (first, last, statuses, batches, stages) in snapshot.items():
+            requests = sum(statuses.values())
+            errors = sum(n for code, n in statuses.items() if code >= 400)
             span = (last - first) if first is not None and last is not None else 0.0
             ok = requests - errors
             models[model] = {
