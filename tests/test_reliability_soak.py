@@ -17,6 +17,9 @@ WARMUP_PER_MODEL = 100
 SOAK_REQUESTS = 2800
 CHECKPOINTS = 4
 MAX_RSS_GROWTH = 0.10
+# The service hands inference memory back to the OS after a second without inference: RSS is read
+# after this long idle, at the start and at the end alike, so both readings see the same state.
+SETTLE_SECONDS = 2.5
 
 
 def uploads(photos) -> list[bytes]:
@@ -56,6 +59,7 @@ def test_thousands_of_requests_across_all_models_leave_memory_flat(model_reposit
         warmup = [(m, i, n % 5 == 0) for n, (m, i) in enumerate(
             itertools.product(models, images * (WARMUP_PER_MODEL // len(images) + 1)))]
         warm_statuses, _ = asyncio.run(run(server.url, warmup))
+        time.sleep(SETTLE_SECONDS)
         warmed = rss_bytes(pid)
         cycle = itertools.cycle(itertools.product(models, images))
         soak = [(m, i, n % 5 == 0) for n, (m, i) in zip(range(SOAK_REQUESTS), cycle)]
@@ -67,13 +71,15 @@ def test_thousands_of_requests_across_all_models_leave_memory_flat(model_reposit
                 statuses[status] = statuses.get(status, 0) + count
             seconds += part_seconds
             checkpoints.append(rss_bytes(pid))
-        after = checkpoints[-1]
+        time.sleep(SETTLE_SECONDS)
+        after = rss_bytes(pid)
         summary = httpx.get(server.url + "/metrics", params={"format": "json"}).json()
 
     growth = (after - warmed) / warmed
     print(f"\nRSS at ready {at_start / 2**20:.0f} MiB, after {len(warmup)} warm-up requests "
           f"{warmed / 2**20:.0f} MiB, then every {part} requests "
-          f"{', '.join(f'{c / 2**20:.0f}' for c in checkpoints)} MiB: {growth:+.1%} over {len(soak)} "
+          f"{', '.join(f'{c / 2**20:.0f}' for c in checkpoints)} MiB, settled {after / 2**20:.0f} MiB: "
+          f"{growth:+.1%} over {len(soak)} "
           f"requests; soak {len(soak) / seconds:.0f} requests/s over {len(models)} models, "
           f"statuses {statuses}")
     assert warm_statuses == {200: len(warmup)} and statuses == {200: len(soak)}
