@@ -5,7 +5,9 @@ DRAIN_SECONDS so a load balancer can take the instance out, then uvicorn closes 
 waits up to GRACEFUL_SHUTDOWN_SECONDS for the requests in flight before the process exits.
 Connections are served by service/connections.py's protocol, which bounds what clients may hold.
 """
+import asyncio
 import logging
+import socket
 import time
 from types import FrameType
 
@@ -36,6 +38,37 @@ class DrainingServer(uvicorn.Server):
         if self.close_at is not None and time.monotonic() >= self.close_at:
             self.should_exit = True
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Closing a listener resets the connections the kernel has completed but the loop has not
+        # accepted yet, whose clients may have sent their request already. Accept those first, with
+        # nothing awaited between the last accept and the close; uvicorn then shuts them down like
+        # every other connection: the request on its way is answered, then the connection closes.
+        waiting = [conn for server in self.servers for listener in server.sockets
+                   for conn in _accept_waiting(listener)]
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        for conn in waiting:
+            await loop.connect_accepted_socket(self._protocol, conn)
+        await super().shutdown(sockets)
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A connection's protocol, made as uvicorn's own listener makes it."""
+        return self.config.http_protocol_class(config=self.config, server_state=self.server_state,
+                                               app_state=self.lifespan.state)
+
+
+def _accept_waiting(listener) -> list[socket.socket]:
+    """The connections waiting in a listening socket's backlog, accepted without blocking."""
+    accepted = []
+    with listener.dup() as sock:
+        sock.setblocking(False)
+        while True:
+            try:
+                accepted.append(sock.accept()[0])
+            except (BlockingIOError, InterruptedError):
+                return accepted
 
 
 def main() -> None:

@@ -3,12 +3,18 @@ requests are still served while a load balancer catches up, every accepted reque
 answer, and then the process exits within the configured bound."""
 import asyncio
 import signal
+import socket
 import time
 
 import httpx
 import numpy as np
+import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
+from service.__main__ import DrainingServer
+from service.connections import bounded_http_protocol, connection_limits
+from service.settings import Settings
 from tests.service_fixtures import copy_repository, encode, running_server
 
 MODEL = "mobilenetv2"
@@ -95,3 +101,40 @@ def test_sigterm_under_load_loses_no_accepted_request(model_repository, tmp_path
     assert process.returncode in (0, -signal.SIGTERM)
     assert exited_after < DRAIN_SECONDS + GRACEFUL_SHUTDOWN_SECONDS
     assert "Traceback" not in server.log.read_text()
+
+
+def test_connections_waiting_in_the_backlog_at_shutdown_are_answered_not_reset():
+    """A client whose connection the kernel completed, but the loop had not accepted yet when the
+    listener closed, has sent its request: it gets its answer, not a reset."""
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict:
+        return {"ok": True}
+
+    async def scenario() -> list[bytes]:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                http=bounded_http_protocol(connection_limits(Settings())))
+        server = DrainingServer(config, app, drain_seconds=0)
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        [listener] = server.servers[0].sockets
+        # The loop stops accepting, as a busy loop has not yet: these wait in the kernel's backlog.
+        asyncio.get_running_loop().remove_reader(listener.fileno())
+        clients = [socket.create_connection(listener.getsockname()[:2]) for _ in range(3)]
+        for client in clients:
+            client.sendall(b"GET /ping HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        server.should_exit = True
+        await serving
+        answers = []
+        for client in clients:
+            client.settimeout(5)
+            try:
+                answers.append(client.recv(4096).split(b"\r\n")[0])
+            except ConnectionResetError:
+                answers.append(b"reset")
+            client.close()
+        return answers
+
+    assert asyncio.run(scenario()) == [b"HTTP/1.1 200 OK"] * 3
