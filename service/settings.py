@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     intra_op_threads: PositiveInt = Field(
         default_factory=available_cores,
         description="onnxruntime threads for an inference that starts while no other runs; one "
-                    "started beside others runs on one thread. 1 keeps one session per model "
-                    "(about 80 MB less for the seven) at the cost of a slower lone request.")
+                    "started beside others runs on one thread. 1 keeps one session per model (less "
+                    "memory, measured in docs/benchmarks.md) at the cost of a slower lone request.")
     inter_op_threads: PositiveInt = Field(1, description="onnxruntime threads across graph branches.")
     inference_workers: PositiveInt | None = Field(
         None, description="Inferences run at once, across models; default: the core count.")
@@ -44,11 +44,12 @@ class Settings(BaseSettings):
                                "request that finds the model idle never waits.")
     intra_op_spinning: bool = Field(
         True, description="Let onnxruntime's threads spin for work while an inference runs (they "
-                          "stop when it returns); off, they sleep between layers and a 2-thread "
-                          "inference took 25-40 % longer.")
+                          "stop when it returns); off, they sleep between layers and an inference "
+                          "takes longer (measured in docs/benchmarks.md).")
     cpu_memory_arena: bool = Field(
         False, description="Give each model onnxruntime's own memory arena; it keeps every model's "
-                           "largest batch allocated, so seven models need about 100 MB more.")
+                           "largest batch allocated, so it needs more memory (measured in "
+                           "docs/benchmarks.md).")
     preprocess_workers: PositiveInt = Field(default_factory=available_cores,
                                             description="Threads decoding and preprocessing images.")
     warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")
