@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test bench clean docker docker-setup ci
+.PHONY: setup export run test bench docs clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ run: export
 
 test: setup
 	$(BIN)/pytest
+
+# docs/settings.md's table, from the Settings fields; tests/test_docs.py fails until it is rewritten.
+docs: setup
+	$(BIN)/python -m docs.settings_page
 
 # Service vs the plain FastAPI baseline and bare onnxruntime, every model, 1 and 16 clients.
 bench: setup export
