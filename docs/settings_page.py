@@ -36,7 +36,7 @@ def page_with_table(page: str) -> str:
     _, end, after = rest.partition(END)
     if not (start and end):
         raise ValueError(f"{PAGE.name} has lost its markers: {START!r} ... {END!r}")
-    return f"{before}{START}\n{settings_table()}{END}{after}"
+    return f"{before}{START}\n\n{settings_table()}\n{END}{after}"
 
 
 def _type(field: FieldInfo) -> str:
