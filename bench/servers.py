@@ -14,9 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 SERVICE = [sys.executable, "-m", "service"]
@@ -103,7 +104,8 @@ class ServerProcess:
 
     def __init__(self, command: list[str], log: Path, env: Mapping[str, str] | None = None,
                  cwd: Path | None = None) -> None:
-        self.host, self.port = LOOPBACK, free_port()
+        self.host = LOOPBACK
+        self.port = free_port()
         self.url = f"http://{self.host}:{self.port}"
         self.log = log
         # What a reader recognises in a failure: "python -m service", not a virtualenv's path.
@@ -128,7 +130,10 @@ class ServerProcess:
 
     def wait_loaded(self, timeout: float = 180) -> dict:
         """The service's readiness body once every model is loaded or failed (ready or not)."""
-        loaded = lambda reply: reply.json().get("loading_done")
+
+        def loaded(reply: Reply) -> bool:
+            return bool(reply.json().get("loading_done"))
+
         return wait_for(self.host, self.port, "/health/ready", loaded, timeout, self).json()
 
     def log_tail(self) -> str:
