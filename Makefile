@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test bench docs clean docker docker-setup ci
+.PHONY: setup export run test bench docs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
