@@ -51,6 +51,11 @@ class AdminServer(uvicorn.Server):
         super().__init__(config)
         self.lifespan = LifespanOff(config)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self.config.loaded:  # as uvicorn's own serve() does first
+            self.config.load()
+        await super().startup(sockets)
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float,
