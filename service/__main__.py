@@ -59,7 +59,7 @@ class AdminServer(uvicorn.Server):
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float,
-                 admin: AdminServer | None) -> None:
+                 admin: AdminServer | None = None) -> None:
         super().__init__(config)
         self.served_app = app
         self.drain_seconds = drain_seconds
