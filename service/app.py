@@ -30,7 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
     metrics = Metrics(settings.stats_window)
-    app = FastAPI(title="cnn-serve", version="0.1.0", lifespan=_lifespan,
+    # No trailing-slash redirect: Starlette builds its Location from the Host header, which a
+    # client sets; /predict/x/ is a 404 like any other unknown path.
+    app = FastAPI(title="cnn-serve", version="0.1.0", lifespan=_lifespan, redirect_slashes=False,
                   description="Image classification with lightweight CNNs on onnxruntime. "
                               "Models with random weights give meaningless predictions.")
     app.state.settings = settings

@@ -207,6 +207,13 @@ class ImageTooComplex(ServiceError):
         super().__init__(f"image too complex to decode: {reason}")
 
 
+class BadHttpRequest(ServiceError):
+    """A request the HTTP parser cannot read, or one it would read wrongly."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed HTTP request: {reason}")
+
+
 # Each error's HTTP status and its stable, machine-readable `code`: clients branch on the code,
 # people read the message, which may be reworded.
 ERRORS: dict[type[ServiceError], tuple[int, str]] = {
@@ -236,6 +243,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     InferenceFailed: (500, "inference_failed"),
     UnsupportedImageFormat: (415, "unsupported_image_format"),
     ImageTooComplex: (422, "image_too_complex"),
+    BadHttpRequest: (400, "bad_http_request"),
 }
 
 

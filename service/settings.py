@@ -104,8 +104,18 @@ class Settings(BaseSettings):
         10.0, description="A request's line and headers must arrive within this long of its first "
                           "byte; past it, 408 and the connection is closed.")
     max_header_bytes: PositiveInt = Field(
-        64 * 1024, description="Largest request line plus headers; past it, 431 and the connection is "
-                               "closed.")
+        64 * 1024, description="Largest request line plus headers, and apart from them, largest "
+                               "trailers plus chunk framing of a body; past it, 431 and the connection "
+                               "is closed.")
+    write_timeout_seconds: PositiveFloat = Field(
+        10.0, description="An answer the client does not read is dropped, with its connection, once "
+                          "the server's write buffer for it has stayed full this long.")
+    admin_port: int = Field(
+        8002, ge=0, le=65535, description="Port of the admin listener, on HOST: only /health/live, "
+                                          "/health/ready (and their /v2 twins) and /metrics, with its "
+                                          "own connection cap, so probes and scrapes are answered "
+                                          "when clients hold every connection of PORT. 0: no admin "
+                                          "listener.")
     api_key: SecretStr | None = Field(
         None, description="When set, predictions need `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
     cors_origins: str = Field(
