@@ -207,6 +207,21 @@ class ImageTooComplex(ServiceError):
         super().__init__(f"image too complex to decode: {reason}")
 
 
+class InvalidMultipart(ServiceError):
+    """A multipart/form-data body that cannot be split into its parts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, accepted_uploads=ACCEPTED_UPLOADS)
+
+
+class ShuttingDown(ServiceError):
+    """A request still at work when the server's graceful shutdown ran out of time."""
+
+    def __init__(self) -> None:
+        super().__init__("the server shut down before this request was done "
+                         "(GRACEFUL_SHUTDOWN_SECONDS); retry it on another instance")
+
+
 # Each error's HTTP status and its stable, machine-readable `code`: clients branch on the code,
 # people read the message, which may be reworded.
 ERRORS: dict[type[ServiceError], tuple[int, str]] = {
@@ -236,6 +251,8 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     InferenceFailed: (500, "inference_failed"),
     UnsupportedImageFormat: (415, "unsupported_image_format"),
     ImageTooComplex: (422, "image_too_complex"),
+    InvalidMultipart: (400, "invalid_multipart"),
+    ShuttingDown: (503, "shutting_down"),
 }
 
 
