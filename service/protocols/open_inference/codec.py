@@ -189,7 +189,10 @@ def _encoded_images(given: RequestInput, raw: bytes | None, meta: ModelMetadata)
     if raw is None and len(given.data) != count:
         raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape} but holds "
                                       f"{len(given.data)} images")
-    images = _length_prefixed(raw, count, given) if raw is not None else [_base64(item) for item in given.data]
+    if raw is not None:
+        images = _length_prefixed(raw, count, given)
+    else:
+        images = [_base64(item) for item in given.data]
     if any(not image for image in images):
         raise InvalidInferenceRequest(f"input {given.name!r} holds an empty element: each element "
                                       "must be one encoded image file")
