@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service_fixtures import encode, ready_server, rss_bytes
+from tests.service_fixtures import cpu_seconds, encode, ready_server, rss_bytes
 from tests.image_bombs import icon_holding, png, with_last_scan_repeated
 
 MODEL = "mobilenetv3_small"
@@ -191,3 +191,21 @@ def test_uploads_that_stall_after_one_byte_do_not_lock_the_model_out(server, cli
     finally:
         for connection in stalled:
             connection.close()
+
+
+def test_a_19_mb_part_of_near_boundaries_costs_the_server_little_cpu(server, client, photos):
+    """Each near-boundary is the multipart delimiter but for its last byte: a parser that steps
+    through every byte that may start a delimiter spent seconds of event-loop time on one body."""
+    boundary = "----WebKitFormBoundary7MA4YWxkTrZu0gW"
+    near = f"\r\n--{boundary}"[:-1].encode()
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+            .encode() + near * (19_000_000 // len(near)) + f"\r\n--{boundary}--\r\n".encode())
+    cpu_before = cpu_seconds(server.process.pid)
+    response = client.post(f"/predict/{MODEL}", content=body,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    cpu = cpu_seconds(server.process.pid) - cpu_before
+    print(f"\n{len(body) / 1e6:.0f} MB part of near-boundaries: {response.status_code} after "
+          f"{response.elapsed.total_seconds() * 1000:.0f} ms, server CPU {cpu:.2f} s")
+    assert response.status_code == 400 and response.json()["code"] == "undecodable_image"
+    assert cpu < 1.5
+    served_normally(client, photos)
