@@ -97,6 +97,6 @@ def test_an_empty_api_key_is_refused_at_start_saying_so(model_repository, tmp_pa
     """API_KEY="" (a secret that did not render) would turn the check on with a key that an empty
     X-API-Key header matches: the service refuses to start instead."""
     with running_server(model_repository, tmp_path / "service.log", API_KEY="") as server:
-        code = server.process.wait(timeout=60)
+        code = server.process.wait(timeout=30)
     assert code != 0
     assert "API_KEY is set but empty" in server.log.read_text()
