@@ -12,9 +12,9 @@ from service.engine import ServedModel
 from service.errors import (ErrorBody, MissingFileField, TooManyFiles, TopKOutOfRange,
                             UnsupportedMediaType)
 from service.lifecycle import Inputs, Result
-from service.protocols.multipart import form_parts
 from service.postprocess import top_k as best_classes
 from service.preprocess import to_picture
+from service.protocols.multipart import form_parts
 
 RAW_IMAGE_TYPES = ("", "application/octet-stream")
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
