@@ -15,7 +15,7 @@ from contract import discover
 from service import preprocess
 from service.admission import Admission
 from service.engine import Engine
-from service.errors import install_error_handlers
+from service.errors import ShutdownAnswer, install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestLog, RequestMetrics
@@ -31,8 +31,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _configure_logging(settings.log_level)
     metrics = Metrics(settings.stats_window)
     # No trailing-slash redirect: Starlette builds its Location from the Host header, which a
-    # client sets; /predict/x/ is a 404 like any other unknown path.
+    # client sets; /predict/x/ is a 404 like any other unknown path. /docs is served from the
+    # service's own copy of Swagger UI (service/page.py); no ReDoc.
     app = FastAPI(title="cnn-serve", version="0.1.0", lifespan=_lifespan, redirect_slashes=False,
+                  docs_url=None, redoc_url=None,
                   description="Image classification with lightweight CNNs on onnxruntime. "
                               "Models with random weights give meaningless predictions.")
     app.state.settings = settings
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request log sees every answer, the body limit only the app's reads.
+    app.add_middleware(ShutdownAnswer)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics,
                        model_names=lambda: app.state.engine.models if hasattr(app.state, "engine") else ())

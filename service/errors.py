@@ -5,6 +5,7 @@ lifecycle, protocol adapters) and `ERRORS` below is the only place that decides 
 code and its stable machine-readable `code`. Every error body is JSON: `error` (for people),
 `code` (for programs) and fields that help fix the request.
 """
+import asyncio
 import logging
 
 import orjson
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("service.errors")
 
@@ -214,6 +216,21 @@ class BadHttpRequest(ServiceError):
         super().__init__(f"malformed HTTP request: {reason}")
 
 
+class InvalidMultipart(ServiceError):
+    """A multipart/form-data body that cannot be split into its parts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, accepted_uploads=ACCEPTED_UPLOADS)
+
+
+class ShuttingDown(ServiceError):
+    """A request still at work when the server's graceful shutdown ran out of time."""
+
+    def __init__(self) -> None:
+        super().__init__("the server shut down before this request was done "
+                         "(GRACEFUL_SHUTDOWN_SECONDS); retry it on another instance")
+
+
 # Each error's HTTP status and its stable, machine-readable `code`: clients branch on the code,
 # people read the message, which may be reworded.
 ERRORS: dict[type[ServiceError], tuple[int, str]] = {
@@ -244,6 +261,8 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     UnsupportedImageFormat: (415, "unsupported_image_format"),
     ImageTooComplex: (422, "image_too_complex"),
     BadHttpRequest: (400, "bad_http_request"),
+    InvalidMultipart: (400, "invalid_multipart"),
+    ShuttingDown: (503, "shutting_down"),
 }
 
 
@@ -295,6 +314,35 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return json_error(500, {"error": f"internal error: {type(exc).__name__}", "code": "internal_error"})
+
+
+class ShutdownAnswer:
+    """When graceful shutdown runs out of time, uvicorn cancels the requests still at work, and
+    answers each with a bare 500 and a logged traceback. Here each gets a JSON 503 instead: the
+    client learns to retry elsewhere, and the log is not filled with tracebacks of no fault.
+    Innermost, so that the request log and the metrics see the 503."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except asyncio.CancelledError:
+            if started or not scope["app"].state.draining:  # not a shutdown, or too late to answer
+                raise
+            asyncio.current_task().uncancel()
+            await error_response(ShuttingDown())(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -127,6 +127,15 @@ class Settings(BaseSettings):
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("api_key")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key would turn the check on while an empty X-API-Key header passes it.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("API_KEY is set but empty: set it to the key, or unset it to serve "
+                             "without one")
+        return value
+
     @property
     def cores(self) -> int:
         return available_cores()
