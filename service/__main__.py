@@ -23,7 +23,7 @@ from uvicorn.lifespan.off import LifespanOff
 from service.app import create_app
 from service.connections import (ConnectionLimits, admin_limits, bounded_http_protocol,
                                  connection_limits)
-from service.errors import json_error
+from service.error_responses import json_response
 from service.settings import Settings
 
 # What the admin listener serves: answers that cost little, whatever the load.
@@ -37,7 +37,7 @@ def admin_app(app: FastAPI) -> ASGIApp:
         if scope["type"] == "http" and scope["path"] not in ADMIN_ROUTES:
             body = {"error": f"the admin port serves only {', '.join(sorted(ADMIN_ROUTES))}",
                     "code": "not_found"}
-            await json_error(404, body)(scope, receive, send)
+            await json_response(404, body)(scope, receive, send)
             return
         await app(scope, receive, send)
     return admin

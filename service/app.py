@@ -15,7 +15,7 @@ from contract import discover
 from service import preprocess
 from service.admission import Admission
 from service.engine import Engine
-from service.errors import ShutdownAnswer, install_error_handlers
+from service.error_responses import ShutdownAnswer, install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestLog, RequestMetrics

@@ -44,8 +44,8 @@ import orjson
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.errors import (BadHttpRequest, HeadersTimedOut, HeadersTooLarge, ServiceError,
-                            TooManyConnections, error_body)
+from service.error_responses import error_body
+from service.errors import (BadHttpRequest, HeadersTimedOut, HeadersTooLarge, ServiceError, TooManyConnections)
 from service.settings import Settings
 
 log = logging.getLogger("service.connections")

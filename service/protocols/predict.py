@@ -9,8 +9,8 @@ from pydantic import BaseModel, Field
 from contract import RANDOM_WEIGHTS_NOTE, ModelMetadata, WeightsKind
 from service.auth import INFERENCE_DEPENDENCIES
 from service.engine import ServedModel
-from service.errors import (ErrorBody, MissingFileField, TooManyFiles, TopKOutOfRange,
-                            UnsupportedMediaType)
+from service.error_responses import ErrorBody
+from service.errors import MissingFileField, TooManyFiles, TopKOutOfRange, UnsupportedMediaType
 from service.lifecycle import Inputs, Result
 from service.postprocess import top_k as best_classes
 from service.preprocess import to_picture

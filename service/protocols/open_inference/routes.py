@@ -15,7 +15,8 @@ from starlette.types import Receive, Scope, Send
 
 from service.auth import INFERENCE_DEPENDENCIES
 from service.engine import ServedModel
-from service.errors import ErrorBody, UnknownModelVersion, json_error
+from service.error_responses import ErrorBody, json_response
+from service.errors import UnknownModelVersion
 from service.lifecycle import Inputs, Result
 from service.status import is_ready
 from service.protocols.open_inference.codec import (DATATYPES, HEADER_LENGTH, IMAGE_INPUT,
@@ -113,7 +114,7 @@ async def server_live() -> ServerLive:
 @router.head("/health/ready", include_in_schema=False)
 async def server_ready(request: Request) -> Response:
     ready = is_ready(request)
-    return json_error(200 if ready else 503, ServerReady(ready=ready).model_dump())
+    return json_response(200 if ready else 503, ServerReady(ready=ready).model_dump())
 
 
 @router.get("/models/{model}/ready", response_model=ModelReady, responses=ERRORS)
