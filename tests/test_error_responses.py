@@ -1,5 +1,6 @@
 """Every error a client can cause answers as JSON with a stable code, found by its class hierarchy."""
 import inspect
+from pathlib import Path
 
 import orjson
 import pytest
@@ -51,3 +52,9 @@ def test_the_errors_module_knows_nothing_of_http():
     imported = {line.split()[1] for line in inspect.getsource(errors).splitlines()
                 if line.startswith(("import ", "from "))}
     assert imported <= {"collections.abc", "types"}, imported
+
+
+def test_every_code_is_documented_in_the_api_page():
+    page = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    missing = [code for _, code in ERRORS.values() if f"`{code}`" not in page]
+    assert not missing, f"docs/api.md's error table lacks {missing}"
