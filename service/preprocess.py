@@ -96,14 +96,16 @@ def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
         if width * height > max_pixels:
             raise ImageTooLarge(max_pixels, width, height)
         image_format = image.format or "unknown"
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        orientation = _orientation(image, data)
         if image_format in DRAFT_FORMATS and preprocessing.antialias:
             # Ask for at least resize x resize: libjpeg then keeps the shorter side >= resize.
             image.draft(image.mode, (preprocessing.resize, preprocessing.resize))
         memory = working_memory(image, (width, height), jpeg_scans, preprocessing,
-                                orientation in UPRIGHT)
+                                orientation is None or orientation in UPRIGHT)
         _admit(memory, reserve, max_working_bytes)
         image.load()
+        if orientation is None:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         if orientation in UPRIGHT:
             image = image.transpose(UPRIGHT[orientation])
     except Image.DecompressionBombError as exc:
@@ -114,6 +116,14 @@ def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
     if orientation in TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return DecodedImage(image, width, height, image_format)
+
+
+def _orientation(image: Image.Image, data: bytes) -> int | None:
+    """The EXIF orientation, or None where only decoding tells it: Pillow's PNG plugin decodes the
+    pixels to look for an eXIf chunk after them."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None if b"eXIf" in data else 1
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
 
 
 def _admit(memory: WorkingMemory, reserve: Reserve | None, max_working_bytes: int | None) -> None:

@@ -272,3 +272,16 @@ def test_an_mpo_photo_is_decoded_from_its_first_frame_reduced_like_its_jpeg_twin
     assert decoded.format == "MPO" and (decoded.width, decoded.height) == (4000, 3000)
     assert max(decoded.image.size) < 4000 / 4  # libjpeg scaled it while decoding
     np.testing.assert_array_equal(served(mpo), served(encode(photo, "JPEG", quality=90)))
+
+
+def test_a_png_whose_exif_chunk_follows_its_pixels_is_still_turned_upright(chelsea):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(chelsea.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif)
+    start = data.index(b"eXIf") - 4
+    end = start + 12 + int.from_bytes(data[start:start + 4], "big")
+    late = data[:start] + data[end:-12] + data[start:end] + data[-12:]  # moved before IEND
+    assert late.index(b"eXIf") > late.index(b"IDAT")
+    decoded = decode(late, PREPROCESSING, NO_LIMIT)
+    assert (decoded.width, decoded.height) == chelsea.size
+    assert_matches_reference(to_tensor(decoded.image, PREPROCESSING), chelsea)
