@@ -1,6 +1,7 @@
-"""What an image will cost, known from its bytes and header before a pixel is decoded.
+"""What an image is and what it will cost, known from its bytes and header before a pixel is decoded.
 
-Two kinds of check, both before Pillow's decoders run:
+Only the accepted formats' Pillow plugins open it (`open_accepted`); then two kinds of check,
+both before Pillow's decoders run:
 - the container's structure, from the bytes alone (`check_structure`): JPEG markers and scans,
   PNG chunks, GIF blocks, each of which Pillow or libjpeg walks at a cost its size does not show;
 - the working memory of the decode, conversion and preprocessing (`working_memory`), from what
@@ -8,15 +9,20 @@ Two kinds of check, both before Pillow's decoders run:
   TIFF tile or strip (not the image), a progressive JPEG's coefficients at full size (draft mode
   reduces only the output), the mode's bytes per pixel as Pillow stores it, a transposition.
 """
+import io
 import math
 import re
+import struct
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from contract import Preprocessing
-from service.errors import ImageTooComplex
+from service.errors import ImageTooComplex, UndecodableImage, UnsupportedImageFormat
 
+# errors.ACCEPTED_FORMATS as Pillow names them, and the only plugins that ever see the bytes.
+PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+BMP_RLE = {1, 2}  # BI_RLE8, BI_RLE4: Pillow decodes these in Python, pixel by pixel for RLE4
 MAX_JPEG_SCANS = 100  # libjpeg writes 10 scans for a progressive colour JPEG
 # libjpeg entropy-decodes every scan over the whole image at full size, draft mode or not, so a
 # JPEG's decode time follows scans x pixels. This admits a photo at the default pixel limit with
@@ -54,6 +60,34 @@ LIBRARY_SLACK = 4 * 2**20  # the decoders' tables, zlib windows, Python objects
 class WorkingMemory:
     bytes: int
     cause: str  # the largest part, as a person reads it: "a TIFF tile of 16384x16384"
+
+
+def open_accepted(data: bytes) -> Image.Image:
+    """Pillow's lazy open by the accepted formats' plugins only; another format named if it can be."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+    except UnidentifiedImageError as exc:
+        signature = _format_by_signature(data)
+        if signature is None or signature in PILLOW_FORMATS:  # unknown, or corrupt past its signature
+            raise UndecodableImage("not an image format Pillow recognises") from exc
+        raise UnsupportedImageFormat(signature) from exc
+    if image.format == "BMP" and image.info.get("compression") in BMP_RLE:
+        raise UnsupportedImageFormat("BMP with RLE compression")
+    return image
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    """The first format whose signature test (its Pillow plugin's `accept`) passes; nothing is parsed."""
+    Image.init()
+    prefix = data[:16]  # what Image.open shows each plugin's test
+    for name in (*PILLOW_FORMATS, *Image.ID):
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except (IndexError, TypeError, SyntaxError, struct.error):  # as Image.open tolerates them
+            continue
+    return None
 
 
 def check_structure(data: bytes, max_scans: int) -> int:

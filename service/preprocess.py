@@ -6,56 +6,44 @@ image; also the longer side rounded, both sides squashed, resizing without antia
 unnormalised 0-255 input. This module knows nothing of ONNX or HTTP; it raises the errors in `errors`.
 
 Choices a caller should know:
-- Transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited on white,
-  as a browser shows such an image, instead of keeping whatever colour hides under alpha = 0.
+- Transparency (RGBA, LA, PA, palette, RGB or 16-bit grey with a transparent colour) is
+  composited on white, as a browser shows such an image, instead of keeping whatever colour hides
+  under alpha = 0. Only the rows the resize and crop read are converted, a band at a time.
 - 16-bit grayscale (I;16) and 32-bit integer (I) images are scaled to 8 bits (value / 257);
   Pillow's own convert() would clip everything above 255 to white.
-- A JPEG is decoded with Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while decoding,
-  never below the resize target on the shorter side, so a 12 MP photo is not decoded at full size.
-  Not for a model resized without antialiasing: its weights saw individual source pixels, and a
-  reduced decode would average them first.
-- Only the first frame of an animated image (GIF, WebP, APNG) or page of a TIFF is used; nothing
-  counts or visits the other frames.
+- A JPEG (or an MPO, a phone's JPEG frames) is decoded with Pillow's draft mode: libjpeg scales by
+  1/2, 1/4 or 1/8 while decoding, never below the resize target on the shorter side. Not for a
+  model resized without antialiasing: its weights saw individual source pixels.
+- Only the first frame of an animated image (GIF, WebP, APNG, MPO) or page of a TIFF is used.
 - A 32-bit float image (mode F, from TIFF) is scaled by its real range: all values within 0..1 are
   multiplied by 255, values within 0..255 are kept, any other range is stretched min-to-max onto
   0..255 (a constant image outside 0..255 is clipped). NaN or infinity makes it undecodable.
 
 Hostile input is refused before decoding, from the bytes and the header alone:
-- Only JPEG, PNG, WebP, GIF, BMP and TIFF are opened (`ACCEPTED_FORMATS` in `errors`): no other
-  Pillow plugin parses the bytes. A file whose signature names another format (ICO, JPEG 2000,
-  AVIF, PPM, ...) is `UnsupportedImageFormat`. ICO stays out: Pillow decodes the biggest icon
-  while opening it, whatever size the icon directory declares. So does a run-length-encoded BMP:
-  Pillow decodes RLE in Python, an RLE4 one pixel by pixel.
+- Only JPEG, PNG, WebP, GIF, BMP and TIFF are opened (`ACCEPTED_FORMATS` in `errors`). A file
+  whose signature names another format is `UnsupportedImageFormat`. ICO stays out (Pillow decodes
+  the biggest icon while opening it), and so does a run-length-encoded BMP (decoded in Python).
 - The pixel limit is checked on the size the header declares: opening these six formats parses
   headers only (GIF: up to the first frame's descriptor, TIFF: the first directory).
-- A JPEG's markers are walked before Pillow opens it, as libjpeg reads them (stuffed 0xFF00 and
-  restart markers inside entropy-coded data, segment payloads skipped by their length). More than
-  `max_scans` scans is `ImageTooComplex`: libjpeg decodes every scan over the whole image, draft
-  mode or not. (libtiff refuses a JPEG-compressed TIFF strip past 100 scans on its own.)
-- Pillow's parsers step through JPEG markers, PNG chunks and GIF blocks, and any stray bytes
-  between them, one at a time in Python: more than `MAX_CONTAINER_ELEMENTS` of them is
-  `ImageTooComplex` too, counted before Pillow opens the file.
+- `image_checks` walks a file's structure (JPEG scans, and scans x pixels; PNG chunks; GIF
+  blocks) and computes its working memory from its header, which `reserve` is told and
+  `max_working_bytes` bounds, before a pixel is decoded.
 """
 import io
 import math
-import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 from contract import Preprocessing
-from service.errors import (EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage,
-                            UnsupportedImageFormat)
+from service.errors import EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage
 from service.image_checks import (BAND_ROWS, MAX_JPEG_SCANS, WorkingMemory, check_structure,
-                                  working_memory)
+                                  open_accepted, working_memory)
 
-# errors.ACCEPTED_FORMATS as Pillow names them, and the only plugins that ever see the bytes.
-PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-BMP_RLE = {1, 2}  # BI_RLE8, BI_RLE4: Pillow decodes these in Python, pixel by pixel for RLE4
 DRAFT_FORMATS = ("JPEG", "MPO")  # an MPO (many phones' photos) is JPEG frames: Pillow opens the first
 
 INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -91,7 +79,7 @@ def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
         raise EmptyBody()
     jpeg_scans = check_structure(data, max_scans)
     try:
-        image = _open(data)
+        image = open_accepted(data)
         width, height = image.size  # as the header declares it: nothing is decoded yet
         if width * height > max_pixels:
             raise ImageTooLarge(max_pixels, width, height)
@@ -132,34 +120,6 @@ def _admit(memory: WorkingMemory, reserve: Reserve | None, max_working_bytes: in
                               f"preprocess; the limit is {max_working_bytes / 2**20:.0f} MiB")
     if reserve is not None:
         reserve(memory.bytes)
-
-
-def _open(data: bytes) -> Image.Image:
-    """Pillow's lazy open by the accepted formats' plugins only; another format named if it can be."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
-    except UnidentifiedImageError as exc:
-        signature = _format_by_signature(data)
-        if signature is None or signature in PILLOW_FORMATS:  # unknown, or corrupt past its signature
-            raise UndecodableImage("not an image format Pillow recognises") from exc
-        raise UnsupportedImageFormat(signature) from exc
-    if image.format == "BMP" and image.info.get("compression") in BMP_RLE:
-        raise UnsupportedImageFormat("BMP with RLE compression")
-    return image
-
-
-def _format_by_signature(data: bytes) -> str | None:
-    """The first format whose signature test (its Pillow plugin's `accept`) passes; nothing is parsed."""
-    Image.init()
-    prefix = data[:16]  # what Image.open shows each plugin's test
-    for name in (*PILLOW_FORMATS, *Image.ID):
-        accept = Image.OPEN[name][1]
-        try:
-            if accept is not None and accept(prefix):
-                return name
-        except (IndexError, TypeError, SyntaxError, struct.error):  # as Image.open tolerates them
-            continue
-    return None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 import struct
 import zlib
 
+import numpy as np
+
 
 def with_last_scan_repeated(jpeg: bytes, times: int) -> bytes:
     """The JPEG with its last scan (and the Huffman tables just before it) written `times` times.
@@ -53,7 +55,7 @@ def transparent_png(width: int = CANVAS, height: int = CANVAS) -> bytes:
             + png_chunk(b"IDAT", deflated(bytes(width * 4 + 1), height)) + png_chunk(b"IEND", b""))
 
 
-def sixteen_bit_grey_png(levels: "np.ndarray", transparent: int) -> bytes:
+def sixteen_bit_grey_png(levels: np.ndarray, transparent: int) -> bytes:
     """A 16-bit greyscale PNG of `levels` (uint16) whose tRNS chunk makes one level transparent."""
     height, width = levels.shape
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in levels)
