@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test bench clean docker docker-setup ci
+.PHONY: setup export run test test-fast bench clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -32,8 +32,14 @@ export: $(VENV)/.runnable
 run: export
 	MODEL_REPOSITORY=$(REPO) $(BIN)/python -m service
 
+# The whole suite, as CI runs it.
 test: setup
 	$(BIN)/pytest
+
+# The edit loop: every test that needs no server process, torch export, Docker, browser or outside tool.
+FAST = not e2e and not export and not container and not browser and not tool
+test-fast: setup
+	$(BIN)/pytest -q -m "$(FAST)"
 
 # Service vs the plain FastAPI baseline and bare onnxruntime, every model, 1 and 16 clients.
 bench: setup export
