@@ -36,8 +36,9 @@ run: export
 test: setup
 	$(BIN)/pytest
 
-# The edit loop: every test that needs no server process, torch export, Docker, browser or outside tool.
-FAST = not e2e and not export and not container and not browser and not tool
+# The edit loop: every test that needs no server process, torch export, Docker, browser or outside
+# tool, and does not run full-size networks in PyTorch over and over (pyproject.toml's markers).
+FAST = not e2e and not export and not container and not browser and not tool and not slow
 test-fast: setup
 	$(BIN)/pytest -q -m "$(FAST)"
 

@@ -6,7 +6,7 @@ in-process tests' stand-in: two small classifiers written with onnx's helper API
 
 The markers (listed in pyproject.toml) say what a test needs beyond its own process. They are
 applied here, from the fixtures a test uses and the file it is in, so a test is marked without
-anyone remembering to; `make test-fast` runs the tests that need none of them.
+anyone remembering to; `make test-fast` runs the tests that need none of them and are not `slow`.
 """
 import contextlib
 import os
@@ -32,7 +32,7 @@ NEEDS_OF_FIXTURES = {
     "served": ("e2e",),
 }
 # ...and what the tests of a file need, where they start a server process or an outside program in
-# their own fixtures or bodies rather than through the fixtures above.
+# their own fixtures or bodies rather than through the fixtures above, or cost (`slow`).
 NEEDS_OF_FILES = {
     "test_bench.py": ("e2e",),
     "test_comparison_page.py": ("e2e", "browser"),
@@ -40,7 +40,10 @@ NEEDS_OF_FILES = {
     "test_deploy.py": ("e2e", "container", "tool"),
     "test_hostile_connections.py": ("e2e",),
     "test_hostile_requests.py": ("e2e",),
+    "test_keras_mobilenet.py": ("slow",),
     "test_kubernetes.py": ("tool",),
+    "test_megvii_shufflenet.py": ("slow",),
+    "test_model_defs_weights.py": ("slow",),
     "test_open_inference.py": ("e2e",),
     "test_reliability_access.py": ("e2e",),
     "test_reliability_overload.py": ("e2e",),
