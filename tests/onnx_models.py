@@ -43,7 +43,8 @@ SMALL_MODELS = (SMALL_IMAGENET, SMALL_CIFAR)
 
 
 def classifier_graph(model: SmallModel, seed: int = 0) -> onnx.ModelProto:
-    """input (N, 3, crop, crop) -> Conv 3x3 stride 2 -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> logits (N, classes)."""
+    """input (N, 3, crop, crop) -> Conv 3x3 stride 2 -> Relu -> GlobalAveragePool -> Flatten -> Gemm
+    -> logits (N, classes), with weights drawn from `seed`."""
     rng = np.random.default_rng(seed)
     weights = {
         "conv.weight": rng.normal(0, (2 / 27) ** 0.5, (FEATURES, 3, 3, 3)),

@@ -237,7 +237,8 @@ def without_classifier(source: Path, target: Path) -> None:
     (without_classifier, None, ["conv_preds", "_no_top"]),
     (None, "0" * 64, ["sha256", "pinned"]),
 ], ids=["truncated", "wrong-variant", "no-top", "hash-mismatch"])
-def test_a_bad_keras_file_is_refused_naming_the_model_and_the_cause(run_export, tmp_path, weights_dir, damage, pin, fragments):
+def test_a_bad_keras_file_is_refused_naming_the_model_and_the_cause(run_export, tmp_path, weights_dir, damage, pin,
+                                                                   fragments):
     folder = tmp_path / "weights"
     folder.mkdir()
     if damage is None:
