@@ -36,7 +36,7 @@ NEEDS_OF_FIXTURES = {
 NEEDS_OF_FILES = {
     "test_bench.py": ("e2e",),
     "test_comparison_page.py": ("e2e", "browser"),
-    "test_container.py": ("container",),
+    "test_container.py": ("container", "export"),  # the image build runs the export
     "test_deploy.py": ("e2e", "container", "tool"),
     "test_hostile_connections.py": ("e2e",),
     "test_hostile_requests.py": ("e2e",),
