@@ -48,7 +48,6 @@ NEEDS_OF_FILES = {
     "test_reliability_access.py": ("e2e",),
     "test_reliability_overload.py": ("e2e",),
     "test_reliability_shutdown.py": ("e2e",),
-    "test_reliability_soak.py": ("e2e",),
     "test_service_api.py": ("e2e",),
 }
 
