@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test bench docs lint lock clean docker docker-setup ci
+.PHONY: setup export run test test-fast bench docs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -32,8 +32,15 @@ export: $(VENV)/.runnable
 run: export
 	MODEL_REPOSITORY=$(REPO) $(BIN)/python -m service
 
+# The whole suite, as CI runs it.
 test: setup
 	$(BIN)/pytest
+
+# The edit loop: every test that needs no server process, torch export, Docker, browser or outside
+# tool, and does not run full-size networks in PyTorch over and over (pyproject.toml's markers).
+FAST = not e2e and not export and not container and not browser and not tool and not slow
+test-fast: setup
+	$(BIN)/pytest -q -m "$(FAST)"
 
 # docs/settings.md's table, from the Settings fields; tests/test_docs.py fails until it is rewritten.
 docs: setup

@@ -1,4 +1,5 @@
-"""Helpers for the service tests: image variants made from the test photos, and a real server process."""
+"""Helpers for the service tests: image variants made from the test photos, a real server process,
+and the values of its /metrics."""
 import io
 import os
 import shutil
@@ -9,6 +10,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 # The one implementation of these, shared with the bench; the tests import them from here.
 from bench.servers import ServerProcess as Server, cpu_seconds, free_port, rss_bytes, running_service
@@ -73,6 +76,18 @@ def copy_repository(source: Path, target: Path, *models: str) -> Path:
     for name in models or [p.name for p in source.iterdir()]:
         shutil.copytree(source / name, target / name)
     return target
+
+
+def metric_samples(text: str, name: str, **labels: str) -> list[Sample]:
+    """The samples named `name` in Prometheus text whose labels include `labels`."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of `name` in Prometheus text, summed over the samples whose labels include
+    `labels`; 0 when there is none (a labelled series appears only once it has counted)."""
+    return sum(sample.value for sample in metric_samples(text, name, **labels))
 
 
 def unavailable(reason: str) -> None:

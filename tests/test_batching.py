@@ -13,14 +13,14 @@ from service.errors import UndecodableImage
 from service.preprocess import preprocess
 from service.settings import Settings
 
-MODEL = "mobilenetv3_small"
+MODEL = "small_imagenet"  # what is tested is the batcher, not the network: a small 1000-class model
 
 
-def engine_for(model_repository, **settings) -> tuple[Engine, list[int]]:
-    """An engine serving one real model, recording the size of every session.run it makes."""
+def engine_for(small_repository, **settings) -> tuple[Engine, list[int]]:
+    """An engine serving one model, recording the size of every session.run it makes."""
     sizes: list[int] = []
-    folders = [f for f in discover(model_repository) if f.name == MODEL]
-    engine = Engine(folders, Settings(model_repository=model_repository,
+    folders = [f for f in discover(small_repository) if f.name == MODEL]
+    engine = Engine(folders, Settings(model_repository=small_repository,
                                       **{"intra_op_threads": 1, "warmup_runs": 1, **settings}),
                     on_batch=lambda model, size: sizes.append(size))
     engine.load_all()
@@ -29,9 +29,9 @@ def engine_for(model_repository, **settings) -> tuple[Engine, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def photo_tensors(model_repository, photos) -> list[np.ndarray]:
+def photo_tensors(small_repository, photos) -> list[np.ndarray]:
     """One (1, 3, 224, 224) tensor per test photo, all different."""
-    engine, _ = engine_for(model_repository)
+    engine, _ = engine_for(small_repository)
     spec: Preprocessing = engine.model(MODEL).metadata.preprocessing
     return [preprocess(path.read_bytes(), spec, 10**9) for path in photos.values()]
 
@@ -45,9 +45,9 @@ async def infer_all(engine: Engine, batches: list) -> list:
                                 return_exceptions=True)
 
 
-def test_concurrent_callers_share_a_batch_and_each_gets_its_own_answer(model_repository,
+def test_concurrent_callers_share_a_batch_and_each_gets_its_own_answer(small_repository,
                                                                       photo_tensors):
-    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=8)
+    engine, sizes = engine_for(small_repository, inference_workers=1, max_batch_size=8)
     # Five photos one by one, then a two-image request (as the Open Inference Protocol sends).
     requests = [*photo_tensors, np.concatenate(photo_tensors[:2][::-1])]
     answers = asyncio.run(infer_all(engine, requests))
@@ -59,10 +59,10 @@ def test_concurrent_callers_share_a_batch_and_each_gets_its_own_answer(model_rep
     engine.close()
 
 
-def test_a_request_finding_the_model_idle_does_not_wait_for_the_queue_delay(model_repository,
+def test_a_request_finding_the_model_idle_does_not_wait_for_the_queue_delay(small_repository,
                                                                           photo_tensors):
     delay_ms = 2000.0
-    engine, sizes = engine_for(model_repository, max_queue_delay_ms=delay_ms)
+    engine, sizes = engine_for(small_repository, max_queue_delay_ms=delay_ms)
     for tensor in photo_tensors[:3]:
         answer = asyncio.run(engine.infer(engine.model(MODEL), tensor))
         assert answer.batch_size == 1
@@ -71,9 +71,9 @@ def test_a_request_finding_the_model_idle_does_not_wait_for_the_queue_delay(mode
     engine.close()
 
 
-def test_queued_requests_wait_up_to_the_delay_to_fill_a_batch(model_repository, photo_tensors):
+def test_queued_requests_wait_up_to_the_delay_to_fill_a_batch(small_repository, photo_tensors):
     delay_ms = 300.0
-    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=8,
+    engine, sizes = engine_for(small_repository, inference_workers=1, max_batch_size=8,
                                max_queue_delay_ms=delay_ms)
 
     async def scenario() -> list:
@@ -92,8 +92,8 @@ def test_queued_requests_wait_up_to_the_delay_to_fill_a_batch(model_repository, 
     engine.close()
 
 
-def test_with_batching_off_every_request_runs_alone(model_repository, photo_tensors):
-    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=1)
+def test_with_batching_off_every_request_runs_alone(small_repository, photo_tensors):
+    engine, sizes = engine_for(small_repository, inference_workers=1, max_batch_size=1)
     answers = asyncio.run(infer_all(engine, photo_tensors))
     assert sizes == [1] * len(photo_tensors)
     for tensor, answer in zip(photo_tensors, answers):
@@ -101,8 +101,8 @@ def test_with_batching_off_every_request_runs_alone(model_repository, photo_tens
     engine.close()
 
 
-def test_a_malformed_tensor_queued_beside_good_ones_fails_alone(model_repository, photo_tensors):
-    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=8)
+def test_a_malformed_tensor_queued_beside_good_ones_fails_alone(small_repository, photo_tensors):
+    engine, sizes = engine_for(small_repository, inference_workers=1, max_batch_size=8)
     wrong = np.zeros((1, 3, 200, 200), np.float32)
     requests = [photo_tensors[0], photo_tensors[1], wrong, photo_tensors[2]]
     answers = asyncio.run(infer_all(engine, requests))
@@ -114,11 +114,11 @@ def test_a_malformed_tensor_queued_beside_good_ones_fails_alone(model_repository
     engine.close()
 
 
-def test_a_lone_inference_gets_every_thread_and_one_started_beside_it_gets_one(model_repository,
+def test_a_lone_inference_gets_every_thread_and_one_started_beside_it_gets_one(small_repository,
                                                                                photo_tensors,
                                                                                monkeypatch):
     monkeypatch.setattr(Engine, "_more_threads_win", staticmethod(lambda model, x: True))
-    engine, sizes = engine_for(model_repository, intra_op_threads=2, inference_workers=2,
+    engine, sizes = engine_for(small_repository, intra_op_threads=2, inference_workers=2,
                                max_batch_size=1)
     assert engine.model(MODEL).one_thread_session is not None
     lone = asyncio.run(engine.infer(engine.model(MODEL), photo_tensors[0]))
@@ -130,11 +130,11 @@ def test_a_lone_inference_gets_every_thread_and_one_started_beside_it_gets_one(m
     engine.close()
 
 
-def test_a_model_that_more_threads_do_not_speed_up_keeps_one_thread_session(model_repository,
+def test_a_model_that_more_threads_do_not_speed_up_keeps_one_thread_session(small_repository,
                                                                             photo_tensors,
                                                                             monkeypatch):
     monkeypatch.setattr(Engine, "_more_threads_win", staticmethod(lambda model, x: False))
-    engine, _ = engine_for(model_repository, intra_op_threads=2, inference_workers=2)
+    engine, _ = engine_for(small_repository, intra_op_threads=2, inference_workers=2)
     model = engine.model(MODEL)
     assert model.one_thread_session is None and model.threads == 1
     answers = asyncio.run(infer_all(engine, photo_tensors[:2]))
@@ -149,20 +149,20 @@ def test_all_threads_serve_a_lone_request_only_when_at_least_10_percent_faster()
     assert not more_threads_win(wide_ms=0.95, narrow_ms=1.0)
 
 
-def test_with_one_thread_or_one_worker_a_model_has_one_session(model_repository):
+def test_with_one_thread_or_one_worker_a_model_has_one_session(small_repository):
     for settings in ({"intra_op_threads": 1, "inference_workers": 2},
                      {"intra_op_threads": 2, "inference_workers": 1}):
-        engine, _ = engine_for(model_repository, **settings)
+        engine, _ = engine_for(small_repository, **settings)
         assert engine.model(MODEL).one_thread_session is None
         engine.close()
 
 
-def test_the_heap_is_trimmed_once_no_inference_has_run_for_a_while(model_repository, photo_tensors,
+def test_the_heap_is_trimmed_once_no_inference_has_run_for_a_while(small_repository, photo_tensors,
                                                                    monkeypatch):
     trims = []
     monkeypatch.setattr(engine_module, "malloc_trim", lambda pad: trims.append(pad))
     monkeypatch.setattr(engine_module, "IDLE_TRIM_SECONDS", 0.6)
-    engine, _ = engine_for(model_repository)
+    engine, _ = engine_for(small_repository)
 
     async def scenario() -> None:
         await engine.infer(engine.model(MODEL), photo_tensors[0])
@@ -178,8 +178,8 @@ def test_the_heap_is_trimmed_once_no_inference_has_run_for_a_while(model_reposit
 
 
 def test_a_job_that_makes_its_own_batch_runs_alone_and_its_refusal_reaches_the_caller(
-        model_repository, photo_tensors):
-    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=8)
+        small_repository, photo_tensors):
+    engine, sizes = engine_for(small_repository, inference_workers=1, max_batch_size=8)
 
     def undecodable() -> np.ndarray:
         raise UndecodableImage("not an image")
@@ -193,8 +193,8 @@ def test_a_job_that_makes_its_own_batch_runs_alone_and_its_refusal_reaches_the_c
     engine.close()
 
 
-def test_a_queued_request_whose_caller_has_gone_is_never_run(model_repository, photo_tensors):
-    engine, sizes = engine_for(model_repository, inference_workers=1, max_batch_size=1)
+def test_a_queued_request_whose_caller_has_gone_is_never_run(small_repository, photo_tensors):
+    engine, sizes = engine_for(small_repository, inference_workers=1, max_batch_size=1)
 
     async def scenario() -> None:
         model = engine.model(MODEL)

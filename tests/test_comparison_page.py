@@ -7,7 +7,6 @@ The screenshots are saved under `test-artifacts/` (ignored by git) for a person 
 """
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,7 +18,6 @@ from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conftest import EXPORT_COMMAND
 from contract import METADATA_FILE
 from tests.service_fixtures import ready_server, required_tool
 
@@ -29,13 +27,12 @@ WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("page")) as server:
-        yield server
+def server(served):
+    return served()
 
 
 @pytest.fixture(scope="module")
-def served(server) -> list[dict]:
+def listed(server) -> list[dict]:
     return httpx.get(f"{server.url}/models").json()["models"]
 
 
@@ -100,9 +97,9 @@ def requested_urls(driver) -> list[str]:
     return urls
 
 
-def test_the_page_lists_every_model_with_its_facts(browser, server, served):
-    open_page(browser, server, len(served))
-    for model in served:
+def test_the_page_lists_every_model_with_its_facts(browser, server, listed):
+    open_page(browser, server, len(listed))
+    for model in listed:
         row = browser.find_element(By.CSS_SELECTOR, f"#models tr[data-model='{model['name']}']")
         text = row.text
         assert model["metadata"]["architecture"] in text
@@ -114,10 +111,10 @@ def test_the_page_lists_every_model_with_its_facts(browser, server, served):
             assert "random weights" in text.lower() and "meaningless" in text, text
 
 
-def test_a_photo_through_the_page_gets_each_models_top1_from_predict(browser, server, served, photos):
-    open_page(browser, server, len(served))
-    cards = upload(browser, photos["chelsea"], len(served))
-    for model in served:
+def test_a_photo_through_the_page_gets_each_models_top1_from_predict(browser, server, listed, photos):
+    open_page(browser, server, len(listed))
+    cards = upload(browser, photos["chelsea"], len(listed))
+    for model in listed:
         expected = httpx.post(f"{server.url}/predict/{model['name']}",
                               files={"file": photos["chelsea"].read_bytes()}).json()["predictions"][0]
         card = cards[model["name"]]
@@ -134,10 +131,10 @@ def test_a_photo_through_the_page_gets_each_models_top1_from_predict(browser, se
         assert size == [crop, crop], model["name"]
 
 
-def test_after_traffic_the_charts_have_data_and_nothing_left_loopback(browser, server, served, photos):
-    open_page(browser, server, len(served))
-    upload(browser, photos["coffee"], len(served))
-    names = sorted(m["name"] for m in served)
+def test_after_traffic_the_charts_have_data_and_nothing_left_loopback(browser, server, listed, photos):
+    open_page(browser, server, len(listed))
+    upload(browser, photos["coffee"], len(listed))
+    names = sorted(m["name"] for m in listed)
 
     def charted(d):
         return d.execute_script("""
@@ -161,8 +158,8 @@ def test_after_traffic_the_charts_have_data_and_nothing_left_loopback(browser, s
     assert severe == [], severe
 
 
-def test_the_page_is_small_and_renders_fast(browser, server, served):
-    open_page(browser, server, len(served))
+def test_the_page_is_small_and_renders_fast(browser, server, listed):
+    open_page(browser, server, len(listed))
     weight, first_paint = browser.execute_script("""
         const own = performance.getEntriesByType('resource').filter(e => e.initiatorType !== 'fetch');
         const page = performance.getEntriesByType('navigation')[0];
@@ -175,46 +172,52 @@ def test_the_page_is_small_and_renders_fast(browser, server, served):
 
 
 @pytest.mark.parametrize("width", [390, 1400])
-def test_no_horizontal_scroll_at_phone_or_desktop_width(browser, server, served, photos, width):
+def test_no_horizontal_scroll_at_phone_or_desktop_width(browser, server, listed, photos, width):
     browser.set_window_size(width, 900)
-    open_page(browser, server, len(served))
-    upload(browser, photos["chelsea"], len(served))
+    open_page(browser, server, len(listed))
+    upload(browser, photos["chelsea"], len(listed))
     overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0
     if width < 500:
         screenshot(browser, "comparison-page-phone.png")
 
 
-def test_the_services_error_message_is_shown_for_a_file_it_refuses(browser, server, served, tmp_path):
+def test_the_services_error_message_is_shown_for_a_file_it_refuses(browser, server, listed, tmp_path):
     fake = tmp_path / "not-a-photo.png"
     fake.write_bytes(b"these bytes are not an image")
-    open_page(browser, server, len(served))
-    cards = upload(browser, fake, len(served))
-    expected = httpx.post(f"{server.url}/predict/{served[0]['name']}", files={"file": fake.read_bytes()}).json()
+    open_page(browser, server, len(listed))
+    cards = upload(browser, fake, len(listed))
+    expected = httpx.post(f"{server.url}/predict/{listed[0]['name']}", files={"file": fake.read_bytes()}).json()
     for card in cards.values():
         error = card.find_element(By.CSS_SELECTOR, ".error").text
         assert expected["error"] in error and expected["code"] in error
 
 
-def test_with_an_api_key_the_page_asks_once_then_predicts(browser, model_repository, tmp_path, photos):
-    with ready_server(model_repository, tmp_path, "effnet", API_KEY="page-test-key") as keyed:
-        open_page(browser, keyed, 1)
-        browser.find_element(By.ID, "file").send_keys(str(photos["chelsea"]))
-        dialog = browser.find_element(By.ID, "key-dialog")
-        wait_until(browser, lambda d: dialog.is_displayed(), "the API key dialog")
-        browser.find_element(By.ID, "key").send_keys("page-test-key")
-        browser.find_element(By.ID, "key-use").click()
-        wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-done='true'] li.top1"),
-                   "a prediction after the key was given")
-        browser.find_element(By.ID, "file").send_keys(str(photos["coffee"]))  # asked once only
-        wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-done='true'] li.top1")
-                   and "coffee" in d.find_element(By.ID, "photo-caption").text, "a second prediction")
-        assert not dialog.is_displayed()
+@pytest.fixture(scope="module")
+def keyed(served):
+    return served(["effnet"], API_KEY="page-test-key")
 
 
-def test_forty_models_fit_the_page_and_int8_shows_its_drift(browser, model_repository, tmp_path, photos):
+def test_with_an_api_key_the_page_asks_once_then_predicts(browser, keyed, photos):
+    open_page(browser, keyed, 1)
+    browser.find_element(By.ID, "file").send_keys(str(photos["chelsea"]))
+    dialog = browser.find_element(By.ID, "key-dialog")
+    wait_until(browser, lambda d: dialog.is_displayed(), "the API key dialog")
+    browser.find_element(By.ID, "key").send_keys("page-test-key")
+    browser.find_element(By.ID, "key-use").click()
+    wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-done='true'] li.top1"),
+               "a prediction after the key was given")
+    browser.find_element(By.ID, "file").send_keys(str(photos["coffee"]))  # asked once only
+    wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".card[data-done='true'] li.top1")
+               and "coffee" in d.find_element(By.ID, "photo-caption").text, "a second prediction")
+    assert not dialog.is_displayed()
+
+
+def test_forty_models_fit_the_page_and_int8_shows_its_drift(browser, run_export, model_repository, tmp_path,
+                                                             photos):
     repository = tmp_path / "forty"
-    subprocess.run([*EXPORT_COMMAND, "--models", "effnet_int8", "--out", str(repository)], check=True)
+    exported = run_export("--weights", "random", "--models", "effnet_int8", "--out", str(repository))
+    assert exported.returncode == 0, exported.stderr
     for i in range(39):
         folder = repository / f"effnet_{i:02d}"
         shutil.copytree(model_repository / "effnet", folder)

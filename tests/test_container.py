@@ -20,10 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import EXPORT_COMMAND, report
-from tests.service_fixtures import free_port, unavailable
+from tests.service_fixtures import free_port, metric_samples, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "cnn-serve:test"
@@ -152,14 +151,10 @@ def test_metrics_count_the_requests_of_every_model(stack, photos):
         assert predict(stack, model, photos["coffee"]).status_code == 200
 
     text = httpx.get(f"{stack.url}/metrics", timeout=10).text
-    succeeded, timed = set(), set()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "cnn_serve_requests_total" and sample.labels["status"] == "200" and sample.value >= 1:
-                succeeded.add(sample.labels["model"])
-            if (sample.name == "cnn_serve_stage_duration_seconds_count" and sample.labels["stage"] == "total"
-                    and sample.value >= 1):
-                timed.add(sample.labels["model"])
+    succeeded = {s.labels["model"] for s in metric_samples(text, "cnn_serve_requests_total", status="200")
+                 if s.value >= 1}
+    timed = {s.labels["model"] for s in metric_samples(text, "cnn_serve_stage_duration_seconds_count", stage="total")
+             if s.value >= 1}
     assert succeeded == timed == set(MODELS)
 
     table = httpx.get(f"{stack.url}/metrics", params={"format": "table"}, timeout=10)

@@ -8,7 +8,6 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from service.app import create_app
-from tests.service_fixtures import ready_server
 
 MODELS = ("effnet", "mobilenetv3_small")
 EXAMPLES_PER_OPERATION = 100
@@ -21,10 +20,10 @@ schema = schemathesis.openapi.from_dict(OPENAPI)
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("fuzz"), *MODELS) as server:
-        yield server
-        assert "Traceback" not in server.log.read_text()
+def server(served):
+    server = served(MODELS)
+    yield server
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_the_fuzzed_schema_is_the_one_the_server_publishes(server):

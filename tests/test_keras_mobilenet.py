@@ -8,17 +8,13 @@ and Keras itself reads that file back as the reference.
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ["KERAS_BACKEND"] = "torch"  # before Keras is imported: it runs on PyTorch here
 
 import h5py  # noqa: E402
-import httpx  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import onnxruntime  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -26,12 +22,11 @@ from PIL import Image  # noqa: E402
 from model_defs.keras_mobilenet import ALPHA_TEXT, keras_variant  # noqa: E402
 from model_defs.variants import choose  # noqa: E402
 from model_defs.weights import build_with_weights  # noqa: E402
-from tests.service_fixtures import ready_server  # noqa: E402
+from tests.onnx_parity import assert_same_logits, onnx_session  # noqa: E402
 
 # Keras's own conversions to numpy, on every weight and output: not this project's concern.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-EXPORT = [sys.executable, "-m", "model_defs.export"]
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 FILE_NAME = "mobilenet_1_0_224_tf.h5"  # what Keras downloads for MobileNet(alpha=1.0) at 224
 URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet/" + FILE_NAME
@@ -116,11 +111,6 @@ def logits_of(model: keras.Model, x: np.ndarray) -> np.ndarray:
     return keras.ops.convert_to_numpy(model(x, training=False))
 
 
-def run_export(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXPORT, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
-
-
 @pytest.fixture(scope="module")
 def inputs(photos) -> np.ndarray:
     return np.stack([keras_pipeline(photos[name]) for name in PHOTOS])
@@ -145,11 +135,16 @@ def reference(weights_dir) -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, weights_dir) -> Path:
+def repository(tmp_path_factory, weights_dir, run_export) -> Path:
     out = tmp_path_factory.mktemp("keras_repository")
     result = run_export("--out", str(out), "--models", "mobilenetv1", "--weights", str(weights_dir))
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def served_repository(repository) -> Path:
+    return repository
 
 
 def test_the_converted_file_gives_keras_logits_on_real_photos(repository, reference, inputs, capsys):
@@ -157,16 +152,13 @@ def test_the_converted_file_gives_keras_logits_on_real_photos(repository, refere
     top1 = expected.argmax(1)
     assert len(set(top1.tolist())) >= 3, f"the photos must get different answers, got top-1 {top1}"
     assert ((expected.std(1) > 0.3) & (expected.std(1) < 10)).all(), expected.std(1)
-    session = onnxruntime.InferenceSession(str(repository / "mobilenetv1" / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"input": inputs.transpose(0, 3, 1, 2).copy()})
+    (got,) = onnx_session(repository / "mobilenetv1" / "model.onnx").run(
+        None, {"input": inputs.transpose(0, 3, 1, 2).copy()})
     with capsys.disabled():
         for name, want, have in zip(PHOTOS, expected, got):
             print(f"\nmobilenetv1 (Keras) {name}: max |logit| {np.abs(want).max():.3f}, "
                   f"max abs diff {np.abs(have - want).max():.2e}, top-1 {want.argmax()} / {have.argmax()}", end="")
-    scale = np.abs(expected).max(1, keepdims=True)
-    assert (np.abs(got - expected) <= 1e-4 * scale).all(), np.abs(got - expected).max(1)
-    assert (np.argsort(-got)[:, :5] == np.argsort(-expected)[:, :5]).all()
+    assert_same_logits(got, expected, scale=np.abs(expected).max(1, keepdims=True))
 
 
 def test_the_metadata_records_keras_layout_preprocessing_and_file(repository, weights_dir):
@@ -181,13 +173,16 @@ def test_the_metadata_records_keras_layout_preprocessing_and_file(repository, we
         "sha256": hashlib.sha256((weights_dir / FILE_NAME).read_bytes()).hexdigest()}
 
 
-def test_predict_gives_the_top1_of_keras_pipeline(repository, reference, photos, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def server(served):
+    return served(["mobilenetv1"])
+
+
+def test_predict_gives_the_top1_of_keras_pipeline(client, reference, photos, capsys):
     expected = logits_of(reference, np.stack([keras_pipeline(photos[name]) for name in PHOTOS])).argmax(1)
-    with ready_server(repository, tmp_path, "mobilenetv1") as server, \
-            httpx.Client(base_url=server.url, timeout=60) as client:
-        answers = [client.post("/predict/mobilenetv1", content=photos[name].read_bytes(),
-                               headers={"Content-Type": "image/jpeg"}).json() for name in PHOTOS]
-        listed = client.get("/models/mobilenetv1").json()
+    answers = [client.post("/predict/mobilenetv1", content=photos[name].read_bytes(),
+                           headers={"Content-Type": "image/jpeg"}).json() for name in PHOTOS]
+    listed = client.get("/models/mobilenetv1").json()
     top1 = [answer["predictions"][0]["class_id"] for answer in answers]
     with capsys.disabled():
         print(f"\nmobilenetv1 (Keras) top-1 through /predict {top1}, Keras pipeline {expected.tolist()}", end="")
@@ -198,7 +193,7 @@ def test_predict_gives_the_top1_of_keras_pipeline(repository, reference, photos,
     assert "values -1 to 1" in listed["preprocessing"]
 
 
-def test_imagenet_weights_come_from_keras_file_with_its_sha256_recorded_unverified(tmp_path, weights_dir):
+def test_imagenet_weights_come_from_keras_file_with_its_sha256_recorded_unverified(run_export, tmp_path, weights_dir):
     """The download is already in the cache (as after an earlier export), so nothing is fetched."""
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
@@ -242,7 +237,8 @@ def without_classifier(source: Path, target: Path) -> None:
     (without_classifier, None, ["conv_preds", "_no_top"]),
     (None, "0" * 64, ["sha256", "pinned"]),
 ], ids=["truncated", "wrong-variant", "no-top", "hash-mismatch"])
-def test_a_bad_keras_file_is_refused_naming_the_model_and_the_cause(tmp_path, weights_dir, damage, pin, fragments):
+def test_a_bad_keras_file_is_refused_naming_the_model_and_the_cause(run_export, tmp_path, weights_dir, damage, pin,
+                                                                   fragments):
     folder = tmp_path / "weights"
     folder.mkdir()
     if damage is None:
@@ -290,10 +286,10 @@ def test_the_narrower_keras_files_convert_to_keras_logits_too(alpha, tmp_path, c
     with torch.no_grad():
         got = built.model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     assert expected.std() > 0.3 and len(set(expected.argmax(1).tolist())) >= 3
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert_same_logits(got, expected, scale=np.abs(expected).max(), top5=False)
 
 
-def test_a_variant_named_on_the_command_line_exports_from_its_keras_file(tmp_path, calibration):
+def test_a_variant_named_on_the_command_line_exports_from_its_keras_file(run_export, tmp_path, calibration):
     name, file_name = "mobilenetv1_0.5_160", "mobilenet_5_0_160_tf.h5"
     x = calibration[::8, 32:192, 32:192]  # five 160 x 160 crops
     keras_model = random_keras_mobilenet(0.5, calibration[:, 32:192, 32:192], seed=2)
@@ -306,7 +302,6 @@ def test_a_variant_named_on_the_command_line_exports_from_its_keras_file(tmp_pat
     metadata = json.loads((out / name / "metadata.json").read_text())
     assert metadata["layout"] == "keras" and metadata["input"]["shape"] == [None, 3, 160, 160]
     assert metadata["preprocessing"]["resize_rule"] == "squash" and metadata["preprocessing"]["crop"] == 160
-    session = onnxruntime.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"input": x.transpose(0, 3, 1, 2).copy()})
+    (got,) = onnx_session(out / name / "model.onnx").run(None, {"input": x.transpose(0, 3, 1, 2).copy()})
     expected = logits_of(keras_model, x)
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert_same_logits(got, expected, scale=np.abs(expected).max(), top5=False)

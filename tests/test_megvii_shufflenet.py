@@ -5,15 +5,10 @@ tensor operations; the service answers with megvii's preprocessing (BGR, 0-255, 
 """
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
-import httpx
 import numpy as np
-import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,9 +19,8 @@ from model_defs.megvii_shufflenet import megvii_channel_shuffle
 from model_defs.registry import MODELS
 from model_defs.variants import choose
 from model_defs.weights import build_with_weights
-from tests.service_fixtures import ready_server
+from tests.onnx_parity import assert_same_logits, onnx_session
 
-EXPORT = [sys.executable, "-m", "model_defs.export"]
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 # megvii's published sizes used here: (stem, stage 2-4 output channels).
 G8_1X = (8, 24, (384, 768, 1536))
@@ -164,10 +158,6 @@ def calibration_batch(paths: list[Path], crops: int = 8, seed: int = 5) -> torch
     return torch.from_numpy(np.stack(batch).copy())
 
 
-def run_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXPORT, *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(photos) -> dict:
     """A g=8 1.0x checkpoint (the `shufflenetv1` model's size), keys as megvii's."""
@@ -187,11 +177,21 @@ def weights_dir(tmp_path_factory, checkpoint) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, weights_dir) -> Path:
+def repository(tmp_path_factory, weights_dir, run_export) -> Path:
     out = tmp_path_factory.mktemp("megvii_repository")
     result = run_export("--out", str(out), "--models", "shufflenetv1", "--weights", str(weights_dir))
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def served_repository(repository) -> Path:
+    return repository
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served(["shufflenetv1"])
 
 
 def test_the_exported_checkpoint_gives_megvii_logits_on_real_photos(repository, checkpoint, inputs, capsys):
@@ -200,16 +200,12 @@ def test_the_exported_checkpoint_gives_megvii_logits_on_real_photos(repository, 
     top1 = expected.argmax(1)
     assert len(set(top1.tolist())) >= 3, f"the photos must get different answers, got top-1 {top1}"
     assert ((expected.std(1) > 0.3) & (expected.std(1) < 10)).all(), expected.std(1)
-    session = onnxruntime.InferenceSession(str(repository / "shufflenetv1" / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"input": inputs.numpy()})
+    (got,) = onnx_session(repository / "shufflenetv1" / "model.onnx").run(None, {"input": inputs.numpy()})
     with capsys.disabled():
         for name, want, have in zip(PHOTOS, expected, got):
             print(f"\nshufflenetv1 (megvii) {name}: max |logit| {np.abs(want).max():.3f}, "
                   f"max abs diff {np.abs(have - want).max():.2e}, top-1 {want.argmax()} / {have.argmax()}", end="")
-    scale = np.abs(expected).max(1, keepdims=True)
-    assert (np.abs(got - expected) <= 1e-4 * scale).all(), np.abs(got - expected).max(1)
-    assert (np.argsort(-got)[:, :5] == np.argsort(-expected)[:, :5]).all()
+    assert_same_logits(got, expected, scale=np.abs(expected).max(1, keepdims=True))
 
 
 def test_the_metadata_records_megvii_layout_and_preprocessing(repository, weights_dir):
@@ -223,14 +219,12 @@ def test_the_metadata_records_megvii_layout_and_preprocessing(repository, weight
     assert metadata["weights"]["sha256"] == hashlib.sha256((weights_dir / "shufflenetv1.pth").read_bytes()).hexdigest()
 
 
-def test_predict_gives_the_top1_of_megvii_pipeline(repository, checkpoint, inputs, photos, tmp_path, capsys):
+def test_predict_gives_the_top1_of_megvii_pipeline(client, checkpoint, inputs, photos, capsys):
     with torch.no_grad():
         expected = megvii_logits(checkpoint, 8, inputs).argmax(1).tolist()
-    with ready_server(repository, tmp_path, "shufflenetv1") as server, \
-            httpx.Client(base_url=server.url, timeout=60) as client:
-        answers = [client.post("/predict/shufflenetv1", content=photos[name].read_bytes(),
-                               headers={"Content-Type": "image/jpeg"}).json() for name in PHOTOS]
-        listed = client.get("/models/shufflenetv1").json()
+    answers = [client.post("/predict/shufflenetv1", content=photos[name].read_bytes(),
+                           headers={"Content-Type": "image/jpeg"}).json() for name in PHOTOS]
+    listed = client.get("/models/shufflenetv1").json()
     top1 = [answer["predictions"][0]["class_id"] for answer in answers]
     with capsys.disabled():
         print(f"\nshufflenetv1 (megvii) top-1 through /predict {top1}, reference pipeline {expected}", end="")
@@ -277,7 +271,7 @@ def missing_tensor(path: Path) -> None:
     (missing_tensor, None, ["missing keys: features.5.branch_main_1.4.running_var"]),
     (other_variant, "0" * 64, ["sha256", "pinned"]),
 ], ids=["truncated", "wrong-variant", "missing-tensor", "hash-mismatch"])
-def test_a_bad_megvii_checkpoint_is_refused_naming_the_model_and_the_cause(tmp_path, make, pin, fragments):
+def test_a_bad_megvii_checkpoint_is_refused_naming_the_model_and_the_cause(run_export, tmp_path, make, pin, fragments):
     folder = tmp_path / "weights"
     folder.mkdir()
     make(folder / "shufflenetv1.pth")
@@ -314,11 +308,11 @@ def test_every_published_checkpoint_size_loads_strictly_for_its_variant(groups, 
     assert round(sum(p.numel() for p in built.model.parameters()) / 1e6, 1) == millions
     x = 255 * torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got, expected = built.model(x), megvii_logits(state, groups, x)
-    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+        got, expected = built.model(x).numpy(), megvii_logits(state, groups, x).numpy()
+    assert_same_logits(got, expected, scale=np.abs(expected).max(), top5=False)
 
 
-def test_a_variant_named_on_the_command_line_exports_from_its_megvii_checkpoint(tmp_path):
+def test_a_variant_named_on_the_command_line_exports_from_its_megvii_checkpoint(run_export, tmp_path):
     name, (stem, stages, _) = "shufflenetv1_g3_0.5x", PUBLISHED[3, 0.5]
     state = megvii_state_dict((3, stem, stages), seed=3)
     torch.save(as_saved_by_megvii(state), tmp_path / f"{name}.pth")
@@ -330,8 +324,7 @@ def test_a_variant_named_on_the_command_line_exports_from_its_megvii_checkpoint(
     metadata = json.loads((out / name / "metadata.json").read_text())
     assert metadata["layout"] == "megvii" and metadata["preprocessing"]["color"] == "BGR"
     x = 255 * torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    session = onnxruntime.InferenceSession(str(out / name / "model.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"input": x.numpy()})
+    (got,) = onnx_session(out / name / "model.onnx").run(None, {"input": x.numpy()})
     with torch.no_grad():
         expected = megvii_logits(state, 3, x).numpy()
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert_same_logits(got, expected, scale=np.abs(expected).max(), top5=False)

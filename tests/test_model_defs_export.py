@@ -3,7 +3,6 @@ that follows docs/model-repository.md."""
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,16 @@ from safetensors.torch import save_file
 from model_defs.to_onnx import ExportError, check_parity, export_onnx
 from model_defs.registry import MODELS
 from model_defs.weights import build_with_weights
+from tests.onnx_parity import assert_same_logits, onnx_session
 from tests.test_model_defs_weights import preprocess
 
-EXPORT = [sys.executable, "-m", "model_defs.export"]
 METADATA_KEYS = {"schema_version", "name", "architecture", "layout", "paper", "model_file", "optimized_model_file", "onnx",
                  "input", "output", "preprocessing", "labels", "params", "macs", "weights", "export",
                  "quantization"}
 
 
 def session(folder: Path) -> onnxruntime.InferenceSession:
-    metadata = json.loads((folder / "metadata.json").read_text())
-    return onnxruntime.InferenceSession(str(folder / metadata["model_file"]), providers=["CPUExecutionProvider"])
+    return onnx_session(folder / json.loads((folder / "metadata.json").read_text())["model_file"])
 
 
 def assert_model_folder_is_consistent(folder: Path) -> dict:
@@ -93,10 +91,10 @@ def test_onnx_file_matches_pytorch_on_real_photos_at_batch_1_and_4(name, model_r
             expected = model(x).numpy()
         (got,) = runtime.run(None, {"input": x.numpy()})
         assert expected.std() > 0.1, "logits of order 1, so that the comparison means something"
-        assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
-        assert (np.argsort(-got)[:, :5] == np.argsort(-expected)[:, :5]).all()
+        assert_same_logits(got, expected, scale=max(1.0, np.abs(expected).max()))
 
 
+@pytest.mark.export  # the torch export, in process
 def test_export_refuses_an_onnx_file_that_computes_something_else(tmp_path):
     spec = MODELS["effnet"]
     model = build_with_weights(spec, "random").model
@@ -113,11 +111,7 @@ def test_export_refuses_an_onnx_file_that_computes_something_else(tmp_path):
         check_parity(model, spec, tmp_path / "model.onnx", seed=1)
 
 
-def run_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXPORT, *args], capture_output=True, text=True, timeout=300)
-
-
-def test_cli_exports_the_chosen_models_and_prints_a_summary(tmp_path):
+def test_cli_exports_the_chosen_models_and_prints_a_summary(run_export, tmp_path):
     out = tmp_path / "repo" / "nested"
     result = run_export("--out", str(out), "--models", "effnet,mobilenetv3_small", "--seed", "5")
     assert result.returncode == 0, result.stderr
@@ -132,7 +126,7 @@ def test_cli_exports_the_chosen_models_and_prints_a_summary(tmp_path):
         assert metadata["weights"]["source"].startswith("random init with seed 5;")
 
 
-def test_cli_exports_custom_weights_and_records_their_file(tmp_path):
+def test_cli_exports_custom_weights_and_records_their_file(run_export, tmp_path):
     spec = MODELS["effnet"]
     trained = build_with_weights(spec, "random", seed=11).model
     weights_dir = tmp_path / "weights"
@@ -152,7 +146,7 @@ def test_cli_exports_custom_weights_and_records_their_file(tmp_path):
         assert np.abs(got - trained(x).numpy()).max() < 1e-4
 
 
-def test_cli_imagenet_with_fallback_exports_random_weights_and_says_so(tmp_path):
+def test_cli_imagenet_with_fallback_exports_random_weights_and_says_so(run_export, tmp_path):
     result = run_export("--out", str(tmp_path), "--models", "effnet", "--weights", "imagenet",
                         "--allow-random-fallback")
     assert result.returncode == 0, result.stderr
@@ -170,25 +164,25 @@ def assert_fails_with_one_line(result: subprocess.CompletedProcess, *fragments: 
         assert fragment in lines[0]
 
 
-def test_cli_rejects_an_unknown_model_listing_the_valid_names(tmp_path):
+def test_cli_rejects_an_unknown_model_listing_the_valid_names(run_export, tmp_path):
     result = run_export("--out", str(tmp_path), "--models", "effnet,resnet50")
     assert_fails_with_one_line(result, "unknown model resnet50", ", ".join(MODELS))
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_rejects_a_weights_path_that_does_not_exist(tmp_path):
+def test_cli_rejects_a_weights_path_that_does_not_exist(run_export, tmp_path):
     result = run_export("--out", str(tmp_path / "repo"), "--weights", str(tmp_path / "no-such-dir"))
     assert_fails_with_one_line(result, "--weights", "no-such-dir")
 
 
-def test_cli_rejects_an_output_folder_it_cannot_write(tmp_path):
+def test_cli_rejects_an_output_folder_it_cannot_write(run_export, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     result = run_export("--out", str(blocker / "repo"), "--models", "effnet")
     assert_fails_with_one_line(result, "--out", "cannot write")
 
 
-def test_cli_names_the_model_whose_checkpoint_is_missing_from_the_weights_folder(tmp_path):
+def test_cli_names_the_model_whose_checkpoint_is_missing_from_the_weights_folder(run_export, tmp_path):
     (tmp_path / "weights").mkdir()
     torch.save({}, tmp_path / "weights" / "effnet.pth")
     result = run_export("--out", str(tmp_path / "repo"), "--models", "effnet,shufflenetv1",
@@ -196,6 +190,6 @@ def test_cli_names_the_model_whose_checkpoint_is_missing_from_the_weights_folder
     assert_fails_with_one_line(result, "no checkpoint for shufflenetv1", "shufflenetv1.pth")
 
 
-def test_cli_refuses_imagenet_for_a_model_without_a_downloadable_checkpoint(tmp_path):
+def test_cli_refuses_imagenet_for_a_model_without_a_downloadable_checkpoint(run_export, tmp_path):
     result = run_export("--out", str(tmp_path), "--models", "shufflenetv1", "--weights", "imagenet")
     assert_fails_with_one_line(result, "shufflenetv1: megvii publishes", "--weights FOLDER", "--allow-random-fallback")

@@ -20,7 +20,7 @@ from PIL import Image
 from contract import Preprocessing
 from service.preprocess import preprocess
 from tests.image_bombs import png_chunk
-from tests.service_fixtures import encode, rss_bytes, ready_server
+from tests.service_fixtures import encode, rss_bytes
 
 MODEL = "mobilenetv3_small"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024  # the documented defaults the server runs with here
@@ -31,15 +31,8 @@ ACCEPTED = "multipart/form-data with the image in field 'file'"
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("battery"), MODEL) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
+def server(served):
+    return served([MODEL])
 
 
 # Inputs ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import time
 import httpx
 from PIL import Image
 
-from tests.service_fixtures import encode, rss_bytes, running_server
+from tests.service_fixtures import encode, rss_bytes
 
 CONCURRENCY = 8
 # Warm-up long enough for onnxruntime to have seen the batch sizes concurrent requests make: its
@@ -49,31 +49,30 @@ async def run(url: str, jobs: list[tuple[str, bytes, bool]]) -> tuple[dict, floa
     return statuses, time.perf_counter() - started
 
 
-def test_thousands_of_requests_across_all_models_leave_memory_flat(model_repository, tmp_path, photos):
+def test_thousands_of_requests_across_all_models_leave_memory_flat(served, photos):
     images = uploads(photos)
-    with running_server(model_repository, tmp_path / "service.log") as server:
-        server.wait_ready()
-        models = [m["name"] for m in httpx.get(server.url + "/models").json()["models"]]
-        pid = server.process.pid
-        at_start = rss_bytes(pid)
-        warmup = [(m, i, n % 5 == 0) for n, (m, i) in enumerate(
-            itertools.product(models, images * (WARMUP_PER_MODEL // len(images) + 1)))]
-        warm_statuses, _ = asyncio.run(run(server.url, warmup))
-        time.sleep(SETTLE_SECONDS)
-        warmed = rss_bytes(pid)
-        cycle = itertools.cycle(itertools.product(models, images))
-        soak = [(m, i, n % 5 == 0) for n, (m, i) in zip(range(SOAK_REQUESTS), cycle)]
-        part = len(soak) // CHECKPOINTS
-        statuses, seconds, checkpoints = {}, 0.0, []
-        for start in range(0, len(soak), part):
-            part_statuses, part_seconds = asyncio.run(run(server.url, soak[start:start + part]))
-            for status, count in part_statuses.items():
-                statuses[status] = statuses.get(status, 0) + count
-            seconds += part_seconds
-            checkpoints.append(rss_bytes(pid))
-        time.sleep(SETTLE_SECONDS)
-        after = rss_bytes(pid)
-        summary = httpx.get(server.url + "/metrics", params={"format": "json"}).json()
+    server = served()
+    models = [m["name"] for m in httpx.get(server.url + "/models").json()["models"]]
+    pid = server.process.pid
+    at_start = rss_bytes(pid)
+    warmup = [(m, i, n % 5 == 0) for n, (m, i) in enumerate(
+        itertools.product(models, images * (WARMUP_PER_MODEL // len(images) + 1)))]
+    warm_statuses, _ = asyncio.run(run(server.url, warmup))
+    time.sleep(SETTLE_SECONDS)
+    warmed = rss_bytes(pid)
+    cycle = itertools.cycle(itertools.product(models, images))
+    soak = [(m, i, n % 5 == 0) for n, (m, i) in zip(range(SOAK_REQUESTS), cycle)]
+    part = len(soak) // CHECKPOINTS
+    statuses, seconds, checkpoints = {}, 0.0, []
+    for start in range(0, len(soak), part):
+        part_statuses, part_seconds = asyncio.run(run(server.url, soak[start:start + part]))
+        for status, count in part_statuses.items():
+            statuses[status] = statuses.get(status, 0) + count
+        seconds += part_seconds
+        checkpoints.append(rss_bytes(pid))
+    time.sleep(SETTLE_SECONDS)
+    after = rss_bytes(pid)
+    summary = httpx.get(server.url + "/metrics", params={"format": "json"}).json()
 
     growth = (after - warmed) / warmed
     print(f"\nRSS at ready {at_start / 2**20:.0f} MiB, after {len(warmup)} warm-up requests "

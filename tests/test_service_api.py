@@ -11,12 +11,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from contract import Preprocessing
 from service.preprocess import preprocess
 from tests.service_fixtures import (IMAGENET, ROOT, assert_matches_reference, copy_repository, encode,
-                                    rss_bytes, running_server)
+                                    metric, metric_samples, rss_bytes, running_server)
 
 MAX_BODY_BYTES = 2_000_000
 MAX_IMAGE_PIXELS = 20_000_000
@@ -24,20 +23,11 @@ SEVEN_MODELS = 7
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    log = tmp_path_factory.mktemp("service") / "service.log"
-    with running_server(model_repository, log, MAX_BODY_BYTES=str(MAX_BODY_BYTES),
-                        MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS)) as server:
-        ready_s = server.wait_ready()
-        print(f"\nstart-up to ready with all models: {ready_s:.2f} s, "
-              f"RSS {rss_bytes(server.process.pid) / 2**20:.0f} MiB")
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
+def server(served):
+    server = served(MAX_BODY_BYTES=str(MAX_BODY_BYTES), MAX_IMAGE_PIXELS=str(MAX_IMAGE_PIXELS))
+    print(f"\nstart-up to ready with all models: {server.wait_ready():.2f} s, "
+          f"RSS {rss_bytes(server.process.pid) / 2**20:.0f} MiB")
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +48,6 @@ def direct_probabilities(model_repository, name: str, image: bytes) -> np.ndarra
     logits = session.run(None, {meta["input"]["name"]: x})[0][0].astype(np.float64)
     exp = np.exp(logits - logits.max())
     return exp / exp.sum()
-
-
-def metric_samples(client) -> dict[tuple, float]:
-    text = client.get("/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 # Uploading ---------------------------------------------------------------------------------------
@@ -189,12 +173,11 @@ def test_the_openapi_docs_show_the_real_response_schemas(client):
 # Metrics -----------------------------------------------------------------------------------------
 def test_metrics_counts_and_histograms_grow_with_requests(client, photos):
     def counts():
-        samples = metric_samples(client)
-        return (samples.get(("cnn_serve_requests_total", (("model", "mobilenetv1"), ("status", "200")))),
-                samples.get(("cnn_serve_stage_duration_seconds_count",
-                             (("model", "mobilenetv1"), ("stage", "inference")))),
-                samples.get(("cnn_serve_batch_size_count", (("model", "mobilenetv1"),))),
-                samples.get(("cnn_serve_requests_total", (("model", "mobilenetv1"), ("status", "422")))))
+        text = client.get("/metrics").text
+        return (metric(text, "cnn_serve_requests_total", model="mobilenetv1", status="200"),
+                metric(text, "cnn_serve_stage_duration_seconds_count", model="mobilenetv1", stage="inference"),
+                metric(text, "cnn_serve_batch_size_count", model="mobilenetv1"),
+                metric(text, "cnn_serve_requests_total", model="mobilenetv1", status="422"))
 
     image = photos["motorcycle"].read_bytes()
     client.put("/predict/mobilenetv1", content=image)  # make sure the series exist
@@ -206,14 +189,13 @@ def test_metrics_counts_and_histograms_grow_with_requests(client, photos):
     after = counts()
     assert [a - b for a, b in zip(after, before)] == [3, 3, 3, 1]
 
-    samples = metric_samples(client)
-    stages = {dict(k[1])["stage"] for k in samples if k[0] == "cnn_serve_stage_duration_seconds_bucket"}
-    assert stages == {"decode", "preprocess", "queue", "inference", "total"}
-    buckets = {float(dict(k[1])["le"]) for k in samples if k[0] == "cnn_serve_stage_duration_seconds_bucket"}
-    assert {0.001, 0.5} <= buckets
-    assert ("cnn_serve_requests_in_flight", ()) in samples
-    assert sum(1 for k in samples if k[0] == "cnn_serve_model_info") == SEVEN_MODELS
-    assert samples[("process_resident_memory_bytes", ())] > 0
+    text = client.get("/metrics").text
+    buckets = metric_samples(text, "cnn_serve_stage_duration_seconds_bucket")
+    assert {s.labels["stage"] for s in buckets} == {"decode", "preprocess", "queue", "inference", "total"}
+    assert {0.001, 0.5} <= {float(s.labels["le"]) for s in buckets}
+    assert {} in [s.labels for s in metric_samples(text, "cnn_serve_requests_in_flight")]
+    assert len(metric_samples(text, "cnn_serve_model_info")) == SEVEN_MODELS
+    assert metric(text, "process_resident_memory_bytes") > 0
 
 
 def test_the_latency_comparison_comes_as_json_and_as_a_table(client, photos):
@@ -365,8 +347,8 @@ def test_nothing_a_client_sends_is_answered_with_a_500(client, photos):
             client.get("/predict/effnet")]
     assert [r.status_code for r in sent if r.status_code >= 500] == []
     assert all("error" in r.json() for r in sent)
-    statuses = {dict(k[1])["status"] for k, v in metric_samples(client).items()
-                if k[0] == "cnn_serve_requests_total" and v > 0}
+    statuses = {s.labels["status"] for s in metric_samples(client.get("/metrics").text, "cnn_serve_requests_total")
+                if s.value > 0}
     assert not [s for s in statuses if s.startswith("5")]
 
 

@@ -1,11 +1,8 @@
 """The papers' variants and INT8 models, as a user asks for them: `cnn-export --models` with names
 in the papers' notation, a real server that serves what it wrote, and the numbers the papers print."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnx
 import onnxruntime
@@ -17,9 +14,7 @@ from model_defs.photos import CALIBRATION_DIR, HELD_OUT_DIR, photo_tensor, photo
 from model_defs.variants import UnknownModelName, choose
 from model_defs.weights import build_with_weights
 from service.preprocess import preprocess
-from tests.service_fixtures import running_server
-
-EXPORT = [sys.executable, "-m", "model_defs.export"]
+from tests.onnx_parity import assert_same_logits, onnx_session
 
 # Parameters and MACs from the papers' tables (rounded there: "2.6M" is checked to its one decimal,
 # with 1,000 parameters to spare for the classifier bias megvii's reference omits) or, where the
@@ -53,10 +48,6 @@ PAPER_TABLES = {
 EXPORTED = ["mobilenetv1_0.25_128", "mobilenetv2_0.35_96", "mobilenetv3_small_0.75", "shufflenetv1_g3_0.5x",
             "shufflenetv2_0.5x"]
 INT8 = "mobilenetv3_small_0.75_int8"
-
-
-def run_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EXPORT, *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("name", PAPER_TABLES)
@@ -97,7 +88,7 @@ def test_a_name_outside_the_grammar_is_refused_showing_the_valid_values(name, fr
         assert fragment in str(refused.value)
 
 
-def test_the_cli_refuses_a_bad_name_in_one_line_with_a_non_zero_exit_and_writes_nothing(tmp_path):
+def test_the_cli_refuses_a_bad_name_in_one_line_with_a_non_zero_exit_and_writes_nothing(run_export, tmp_path):
     result = run_export("--out", str(tmp_path / "repo"), "--models", "effnet,mobilenetv1_0.3_160")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -107,7 +98,7 @@ def test_the_cli_refuses_a_bad_name_in_one_line_with_a_non_zero_exit_and_writes_
 
 
 @pytest.fixture(scope="module")
-def variant_repository(tmp_path_factory) -> Path:
+def variant_repository(tmp_path_factory, run_export) -> Path:
     out = tmp_path_factory.mktemp("variants")
     result = run_export("--weights", "random", "--out", str(out), "--models", ",".join([*EXPORTED, INT8]))
     assert result.returncode == 0, result.stderr
@@ -120,7 +111,7 @@ def metadata(repository: Path, name: str) -> dict:
 
 
 def session(repository: Path, name: str) -> onnxruntime.InferenceSession:
-    return onnxruntime.InferenceSession(str(repository / name / "model.onnx"), providers=["CPUExecutionProvider"])
+    return onnx_session(repository / name / "model.onnx")
 
 
 @pytest.mark.parametrize("name", EXPORTED)
@@ -149,8 +140,7 @@ def test_the_onnx_file_computes_what_pytorch_computes_on_real_photos(variant_rep
     runtime = session(variant_repository, name)
     for x, reference in ((batch[:1], expected[:1]), (batch, expected)):
         (got,) = runtime.run(None, {"input": x})
-        assert np.abs(got - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
-        assert (np.argsort(-got)[:, :5] == np.argsort(-reference)[:, :5]).all()
+        assert_same_logits(got, reference, scale=max(1.0, np.abs(reference).max()))
 
 
 def test_the_int8_model_records_its_calibration_and_a_drift_one_can_recompute(variant_repository):
@@ -187,11 +177,13 @@ def test_the_int8_model_records_its_calibration_and_a_drift_one_can_recompute(va
 
 
 @pytest.fixture(scope="module")
-def client(variant_repository, tmp_path_factory):
-    with running_server(variant_repository, tmp_path_factory.mktemp("service") / "service.log") as server:
-        server.wait_ready()
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            yield client
+def served_repository(variant_repository) -> Path:
+    return variant_repository
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served()  # every variant written above
 
 
 def served_tensor(photo: Path, name: str) -> np.ndarray:
