@@ -205,7 +205,9 @@ def test_the_service_serves_each_variant_as_onnxruntime_answers(client, variant_
     runtime = session(variant_repository, name)
     for photo in (photos["chelsea"], photos["coffee"]):
         (logits,) = runtime.run(None, {"input": served_tensor(photo, name)})
-        assert top1(client, name, photo) == int(logits.argmax())
+        # The service's class must hold the largest logit; an INT8 model can tie two classes
+        # exactly, and then either is its top-1.
+        assert logits[0, top1(client, name, photo)] == logits.max()
 
 
 def test_an_int8_model_keeps_the_fp32_answer_where_fp32_is_sure(client, photos):
