@@ -136,6 +136,11 @@ class Weights(BaseModel):
     note: str | None = Field(None, description="Says plainly when predictions are meaningless, or when "
                                                "a downloaded file could not be verified.")
 
+    @property
+    def shown_note(self) -> str | None:
+        """The note to show a person: the recorded one, or the standard one for random weights."""
+        return self.note or (RANDOM_WEIGHTS_NOTE if self.kind == "random" else None)
+
 
 class CalibrationSet(BaseModel):
     photos: list[str] = Field(description="File names of the photos the activation ranges were measured on.")

@@ -21,8 +21,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.lifespan.off import LifespanOff
 
 from service.app import create_app
-from service.connections import (ConnectionLimits, admin_limits, bounded_http_protocol,
-                                 connection_limits)
+from service.connections import ConnectionLimits, admin_limits, bounded_http_protocol, connection_limits
+from service.dataplane import data_plane
 from service.error_responses import json_response
 from service.settings import Settings
 
@@ -72,7 +72,7 @@ class DrainingServer(uvicorn.Server):
             await self.admin.startup()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.served_app.state.draining = True
+        data_plane(self.served_app).drain()
         if self.close_at is not None or self.drain_seconds == 0:  # a second signal, or no drain
             super().handle_exit(sig, frame)
             return

@@ -12,14 +12,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from contract import discover
-from service import preprocess
+from service import page, preprocess, status
 from service.admission import Admission
+from service.dataplane import DataPlane
 from service.engine import Engine
-from service.error_responses import ShutdownAnswer, install_error_handlers
+from service.error_responses import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestLog, RequestMetrics
-from service import page, status
+from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
 from service.protocols import open_inference, predict
 from service.settings import Settings
 
@@ -37,22 +37,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None,
                   description="Image classification with lightweight CNNs on onnxruntime. "
                               "Models with random weights give meaningless predictions.")
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.draining = False  # set on SIGTERM: readiness says 503 while requests finish
-    app.state.admission = Admission(settings.max_in_flight_per_model, settings.retry_after_seconds,
-                                    settings.request_timeout_seconds, metrics.registry)
+    admission = Admission(settings.max_in_flight_per_model, settings.retry_after_seconds,
+                          settings.request_timeout_seconds, metrics.registry)
+    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch)
+    plane = DataPlane(settings, metrics, admission, engine, Lifecycle(engine, admission, settings))
+    app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     for router in (predict.router, open_inference.router, open_inference.inference_router,
                    status.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
-    # Added innermost first: the request log sees every answer, the body limit only the app's reads.
+    # Added innermost first: the request record sees every answer, the body limit only the app's reads.
     app.add_middleware(ShutdownAnswer)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics,
-                       model_names=lambda: app.state.engine.models if hasattr(app.state, "engine") else ())
-    app.add_middleware(RequestLog)
+    app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.models)
     if settings.cors_origin_list:  # outermost, so a browser's preflight needs no API key
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST", "PUT"],
@@ -65,10 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    settings, metrics = app.state.settings, app.state.metrics
-    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch)
-    app.state.engine = engine
-    app.state.lifecycle = Lifecycle(engine, app.state.admission, settings)
+    plane: DataPlane = app.state.data_plane
+    engine, metrics = plane.engine, plane.metrics
     started = time.perf_counter()
     # Every model is in /metrics from the start: as "loading", and with the series alerts divide by.
     metrics.expect_models(engine.models)
@@ -77,10 +73,10 @@ async def _lifespan(app: FastAPI):
     loading = asyncio.create_task(asyncio.to_thread(_load, engine))
     loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
     yield
-    app.state.draining = True  # also when run by plain uvicorn, which has no drain phase
+    plane.drain()  # also when run by plain uvicorn, which has no drain phase
     await loading
     engine.close()
-    app.state.lifecycle.close()
+    plane.lifecycle.close()
 
 
 def _load(engine: Engine) -> None:

@@ -1,18 +1,22 @@
-"""The dependencies of the inference routers: a route added to one of them is guarded by the API key
-and counted per model, and a refused request is answered before a byte of its body is read."""
+"""The dependencies of the inference routers: a route added to one of them is counted per model and
+guarded by the API key, and a refused request is answered before a byte of its body is read."""
 import hmac
 
 from fastapi import Depends, Request
 
+from service.dataplane import data_plane
 from service.errors import Unauthorized
+from service.record import record_of
 
 
-async def inference_request(request: Request) -> None:
-    """Tell the metrics middleware that this request is a prediction of the model in its path, then
-    refuse it unless it carries the API key (when one is set). One dependency, not two: each costs
-    a resolution on every request."""
-    request.state.prediction_for = request.path_params.get("model")
-    expected = request.app.state.settings.api_key
+async def names_the_model(request: Request) -> None:
+    """Record the model the path names, so the request counts as that model's prediction."""
+    record_of(request).model = request.path_params.get("model")
+
+
+async def requires_api_key(request: Request) -> None:
+    """Refuse the request unless it carries the API key, when one is set."""
+    expected = data_plane(request).settings.api_key
     if expected is None:
         return
     given = _given_key(request)
@@ -29,4 +33,4 @@ def _given_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-INFERENCE_DEPENDENCIES = [Depends(inference_request)]
+INFERENCE_DEPENDENCIES = [Depends(names_the_model), Depends(requires_api_key)]

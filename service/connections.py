@@ -36,8 +36,9 @@ import functools
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import httptools
 import orjson
@@ -45,7 +46,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.error_responses import error_body
-from service.errors import (BadHttpRequest, HeadersTimedOut, HeadersTooLarge, ServiceError, TooManyConnections)
+from service.errors import BadHttpRequest, HeadersTimedOut, HeadersTooLarge, ServiceError, TooManyConnections
 from service.settings import Settings
 
 log = logging.getLogger("service.connections")

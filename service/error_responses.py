@@ -6,7 +6,6 @@ Starlette finds exception handlers), so a new `ServiceError` subclass answers wi
 status and code until it has its own, and never falls through to a bare 500. Every error body is
 JSON: `error` (for people), `code` (for programs) and fields that help fix the request.
 """
-import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -17,7 +16,6 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
     BadHttpRequest,
@@ -154,35 +152,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return json_response(500, {"error": f"internal error: {type(exc).__name__}", "code": "internal_error"})
-
-
-class ShutdownAnswer:
-    """When graceful shutdown runs out of time, uvicorn cancels the requests still at work, and
-    answers each with a bare 500 and a logged traceback. Here each gets a JSON 503 instead: the
-    client learns to retry elsewhere, and the log is not filled with tracebacks of no fault.
-    Innermost, so that the request log and the metrics see the 503."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked_send)
-        except asyncio.CancelledError:
-            if started or not scope["app"].state.draining:  # not a shutdown, or too late to answer
-                raise
-            asyncio.current_task().uncancel()
-            await error_response(ShuttingDown())(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -35,6 +35,7 @@ from service.engine import Engine, ServedModel
 from service.errors import BodyTimedOut, ClientClosedRequest, TooManyImages, TooManyPixels
 from service.metrics import server_timing
 from service.preprocess import PreparedImage
+from service.record import record_of
 from service.settings import Settings
 
 
@@ -101,7 +102,7 @@ class Lifecycle:
                    "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                        total=(time.perf_counter() - started) * 1000)
-        request.state.timings = timings  # for the metrics and the access log
+        record_of(request).timings = timings  # for the metrics and the access log
         response = adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
         response.headers["Server-Timing"] = server_timing(timings)
         return response

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client import ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 
 STAGES = ("decode", "preprocess", "queue", "inference", "total")
 # Seconds, as Prometheus names them; dense between 1 and 500 ms where these CNNs on CPU live.

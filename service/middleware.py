@@ -1,16 +1,19 @@
-"""ASGI layers around every request, one job each: request id and access log; body-size limit;
-metrics. Predictions are recognised by what their route tells (`service.auth.inference_request`),
-not by matching paths here."""
+"""ASGI layers around every request, one job each: the request record (request id, access log,
+metrics); the body-size limit. Predictions are recognised by what their route's dependency records
+(`service.auth.names_the_model`), not by matching paths here."""
+import asyncio
 import logging
 import os
 import re
-import time
 from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge
+from service.dataplane import data_plane
+from service.error_responses import error_response
+from service.errors import BodyTooLarge, ShuttingDown
 from service.metrics import UNKNOWN_MODEL, Metrics
+from service.record import SCOPE_KEY, RequestRecord
 
 log = logging.getLogger("service.access")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -18,31 +21,41 @@ REQUEST_ID_HEADER = b"x-request-id"
 SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
 
 
-class RequestLog:
-    """An `X-Request-ID` on every answer (the client's own if sane) and one log line per request."""
+class RequestRecorder:
+    """Creates each request's record (service/record.py) and, once the answer is sent, writes its
+    log line and its metrics from it: an `X-Request-ID` on every answer (the client's own if sane),
+    requests in flight, and per prediction its model, status and stage timings."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, model_names: Callable[[], Collection[str]]) -> None:
         self.app = app
+        self.metrics = metrics
+        self.model_names = model_names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
         request_id = _request_id(scope)
-        status = 500
+        record = scope[SCOPE_KEY] = RequestRecord(request_id.decode())
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                record.status = message["status"]
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id)]
             await send(message)
 
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _log(scope, status, (time.perf_counter() - started) * 1000, request_id.decode())
+            self.metrics.in_flight.dec()
+            if record.model is not None:
+                # Only served names become label values, so a client cannot grow the series.
+                if record.model not in self.model_names():
+                    record.model = UNKNOWN_MODEL
+                self.metrics.observe_request(record.model, record.status,
+                                             record.timings if record.status == 200 else None)
+            _log(scope, record)
 
 
 class BodyLimit:
@@ -73,53 +86,47 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-class RequestMetrics:
-    """Requests in flight; per prediction its model, status and stage timings."""
+class ShutdownAnswer:
+    """When graceful shutdown runs out of time, uvicorn cancels the requests still at work, and
+    answers each with a bare 500 and a logged traceback. Here each gets a JSON 503 instead: the
+    client learns to retry elsewhere, and the log is not filled with tracebacks of no fault.
+    Innermost, so that the request log and the metrics see the 503."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, model_names: Callable[[], Collection[str]]) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = metrics
-        self.model_names = model_names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        started = False
 
-        async def observed_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
-        self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, observed_send)
-        finally:
-            self.metrics.in_flight.dec()
-            state = scope.get("state", {})
-            if "prediction_for" in state:
-                # Only served names become label values, so a client cannot grow the series.
-                model = state["prediction_for"]
-                state["model"] = model if model in self.model_names() else UNKNOWN_MODEL
-                self.metrics.observe_request(state["model"], status,
-                                             state.get("timings") if status == 200 else None)
+            await self.app(scope, receive, tracked_send)
+        except asyncio.CancelledError:
+            if started or not data_plane(scope["app"]).draining:  # not a shutdown, or too late to answer
+                raise
+            asyncio.current_task().uncancel()
+            await error_response(ShuttingDown())(scope, receive, send)
 
 
-def _log(scope: Scope, status: int, elapsed_ms: float, request_id: str) -> None:
+def _log(scope: Scope, record: RequestRecord) -> None:
     path = scope["path"]
     # %r: a path is decoded from the URL and may hold anything, newlines included.
     shown = path if path.isprintable() and " " not in path else repr(path)
-    state = scope.get("state", {})
-    if "model" not in state:
-        log.info("%s %s request_id=%s status=%d total=%.1fms", scope["method"], shown, request_id,
-                 status, elapsed_ms)
+    if record.model is None:
+        log.info("%s %s request_id=%s status=%d total=%.1fms", scope["method"], shown,
+                 record.request_id, record.status, record.elapsed_ms())
         return
-    timings = state.get("timings") or {"total": elapsed_ms}
+    timings = record.timings or {"total": record.elapsed_ms()}
     stages = " ".join(f"{k}={v:.1f}ms" for k, v in timings.items())
-    log.info("%s %s request_id=%s model=%s status=%d %s", scope["method"], shown, request_id,
-             state["model"], status, stages)
+    log.info("%s %s request_id=%s model=%s status=%d %s", scope["method"], shown, record.request_id,
+             record.model, record.status, stages)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

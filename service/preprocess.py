@@ -41,8 +41,14 @@ from PIL import ExifTags, Image
 
 from contract import Preprocessing
 from service.errors import EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage
-from service.image_checks import (BAND_ROWS, MAX_JPEG_SCANS, WorkingMemory, check_structure,
-                                  open_accepted, working_memory)
+from service.image_checks import (
+    BAND_ROWS,
+    MAX_JPEG_SCANS,
+    WorkingMemory,
+    check_structure,
+    open_accepted,
+    working_memory,
+)
 
 DRAFT_FORMATS = ("JPEG", "MPO")  # an MPO (many phones' photos) is JPEG frames: Pillow opens the first
 

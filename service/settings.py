@@ -3,8 +3,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (Field, NonNegativeFloat, PositiveFloat, PositiveInt, SecretStr,
-                      field_validator)
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 

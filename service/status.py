@@ -6,9 +6,9 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from contract import ModelMetadata, ModelStatus
+from service.dataplane import data_plane
 from service.engine import Engine, ModelState
 from service.error_responses import ErrorBody, json_response
-from service.protocols.predict import weights_info
 
 
 class ModelInfo(BaseModel):
@@ -71,22 +71,16 @@ class MetricsSummary(BaseModel):
 router = APIRouter()
 
 
-def is_ready(request: Request) -> bool:
-    """Every model loaded (or, unless STRICT_READINESS, some), and not draining for shutdown."""
-    state = request.app.state
-    return state.engine.is_ready(state.settings.strict_readiness) and not state.draining
-
-
 @router.get("/models", response_model=ModelList, tags=["models"])
 async def list_models(request: Request) -> ModelList:
-    engine: Engine = request.app.state.engine
+    engine = data_plane(request).engine
     return ModelList(models=[model_info(m, engine) for m in engine.models.values()])
 
 
 @router.get("/models/{model}", response_model=ModelInfo, responses={404: {"model": ErrorBody}},
             tags=["models"])
 async def get_model(model: str, request: Request) -> ModelInfo:
-    engine: Engine = request.app.state.engine
+    engine = data_plane(request).engine
     if model not in engine.models:
         engine.model(model)  # raises UnknownModel with the valid names
     return model_info(engine.models[model], engine)
@@ -98,7 +92,7 @@ async def get_metrics(request: Request, format: str | None = Query(
         None, pattern="^(prometheus|json|table)$",
         description="prometheus (default), json (also via Accept: application/json) or table")
         ) -> Response:
-    metrics = request.app.state.metrics
+    metrics = data_plane(request).metrics
     wanted = format or ("json" if "application/json" in request.headers.get("accept", "")
                         else "prometheus")
     if wanted == "json":
@@ -118,8 +112,8 @@ async def live() -> Liveness:
             tags=["health"])
 @router.head("/health/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    body = Readiness(ready=is_ready(request), loading_done=engine.loading_done,
+    engine = data_plane(request).engine
+    body = Readiness(ready=data_plane(request).ready(), loading_done=engine.loading_done,
                      models={name: m.status for name, m in engine.models.items()},
                      failed={name: m.error or "" for name, m in engine.models.items()
                              if m.status == "failed"})
@@ -136,6 +130,6 @@ def model_info(state: ModelState, engine: Engine) -> ModelInfo:
                      inference_workers=engine.workers,
                      load_ms=served.load_ms if served else None,
                      warmup_ms=served.warmup_ms if served else None,
-                     weights_note=weights_info(meta).note if meta else None,
+                     weights_note=meta.weights.shown_note if meta else None,
                      weights_source=meta.weights.source if meta else None,
                      preprocessing=meta.preprocessing.describe() if meta else None, metadata=meta)

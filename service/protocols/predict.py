@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from contract import RANDOM_WEIGHTS_NOTE, ModelMetadata, WeightsKind
+from contract import ModelMetadata, WeightsKind
 from service.auth import INFERENCE_DEPENDENCIES
+from service.dataplane import data_plane
 from service.engine import ServedModel
 from service.error_responses import ErrorBody
 from service.errors import MissingFileField, TooManyFiles, TopKOutOfRange, UnsupportedMediaType
@@ -66,8 +67,7 @@ class PredictResponse(BaseModel):
 
 def weights_info(meta: ModelMetadata) -> WeightsInfo:
     weights = meta.weights
-    note = weights.note or (RANDOM_WEIGHTS_NOTE if weights.kind == "random" else None)
-    return WeightsInfo(kind=weights.kind, source=weights.source, note=note)
+    return WeightsInfo(kind=weights.kind, source=weights.source, note=weights.shown_note)
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,9 @@ async def predict(model: str, request: Request,
                   input_image: bool = Query(False, description="Also return the image as the model "
                                             "saw it (resized and cropped), as a PNG data URL.")
                   ) -> Response:
-    adapter = PredictAdapter(top_k, request.app.state.settings.top_k, input_image)
-    return await request.app.state.lifecycle.handle(request, model, adapter)
+    plane = data_plane(request)
+    adapter = PredictAdapter(top_k, plane.settings.top_k, input_image)
+    return await plane.lifecycle.handle(request, model, adapter)
 
 
 for method, upload in (("POST", "multipart field file, or raw body"), ("PUT", "raw body, as curl -T sends it")):

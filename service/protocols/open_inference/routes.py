@@ -14,18 +14,31 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import Receive, Scope, Send
 
 from service.auth import INFERENCE_DEPENDENCIES
+from service.dataplane import data_plane
 from service.engine import ServedModel
 from service.error_responses import ErrorBody, json_response
 from service.errors import UnknownModelVersion
 from service.lifecycle import Inputs, Result
-from service.status import is_ready
-from service.protocols.open_inference.codec import (DATATYPES, HEADER_LENGTH, IMAGE_INPUT,
-                                                     DecodedRequest, decode_request, encode_output,
-                                                     wire_shape)
-from service.protocols.open_inference.wire import (InferenceRequest, InferenceResponse, ModelReady,
-                                                    ModelMetadataResponse, ServerLive,
-                                                    ServerMetadata, ServerReady, TensorMetadata,
-                                                    inlined_schema)
+from service.protocols.open_inference.codec import (
+    DATATYPES,
+    HEADER_LENGTH,
+    IMAGE_INPUT,
+    DecodedRequest,
+    decode_request,
+    encode_output,
+    wire_shape,
+)
+from service.protocols.open_inference.wire import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadataResponse,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    TensorMetadata,
+    inlined_schema,
+)
 
 VERSION = "1"  # a repository folder holds one version of its model
 PLATFORM = "onnxruntime_onnx"
@@ -113,7 +126,7 @@ async def server_live() -> ServerLive:
 @router.get("/health/ready", response_model=ServerReady, responses={503: {"model": ServerReady}})
 @router.head("/health/ready", include_in_schema=False)
 async def server_ready(request: Request) -> Response:
-    ready = is_ready(request)
+    ready = data_plane(request).ready()
     return json_response(200 if ready else 503, ServerReady(ready=ready).model_dump())
 
 
@@ -145,13 +158,13 @@ async def model_metadata(model: str, request: Request, version: str | None = Non
                        responses={200: {"model": InferenceResponse}, **ERRORS})
 async def infer(model: str, request: Request, version: str | None = None) -> Response:
     _served(request, model, version)
-    settings = request.app.state.settings
-    adapter = OpenInferenceAdapter(settings.max_json_values, settings.max_images_per_request)
-    return await request.app.state.lifecycle.handle(request, model, adapter)
+    plane = data_plane(request)
+    adapter = OpenInferenceAdapter(plane.settings.max_json_values, plane.settings.max_images_per_request)
+    return await plane.lifecycle.handle(request, model, adapter)
 
 
 def _served(request: Request, model: str, version: str | None) -> ServedModel:
-    served = request.app.state.engine.model(model)
+    served = data_plane(request).engine.model(model)
     if version is not None and version != VERSION:
         raise UnknownModelVersion(model, version, [VERSION])
     return served

@@ -3,6 +3,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
+
 class ServerMetadata(BaseModel):
     name: str
     version: str
