@@ -220,7 +220,7 @@ def test_past_the_connection_cap_a_new_connection_gets_a_prompt_503(capped_serve
         assert statuses[-1:] == [200]
 
 
-# Issue 20's connection rows: each bound below failed on the code before it (see the README).
+# Issue 20's connection rows: each bound below failed on the code before it (see docs/operations.md).
 
 def rss_growth_while(server, attack) -> float:
     """Peak RSS growth of the server, in MB, while `attack` runs in a thread."""

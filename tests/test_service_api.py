@@ -420,7 +420,7 @@ def test_a_broken_multipart_body_is_a_400_with_a_documented_code(client, body, c
     response = client.post("/predict/effnet", content=body, headers={"Content-Type": content_type})
     assert response.status_code == 400
     assert response.json()["code"] == "invalid_multipart"
-    assert "invalid_multipart" in (ROOT / "README.md").read_text()
+    assert "`invalid_multipart`" in (ROOT / "docs" / "api.md").read_text()
 
 
 def test_the_api_docs_load_nothing_from_another_host(client):
