@@ -22,14 +22,16 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
 from service.protocols import open_inference, predict
 from service.settings import Settings
+from service.tracing import Tracing
 
 log = logging.getLogger("service")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, tracing: Tracing | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
     metrics = Metrics(settings.stats_window)
+    tracing = tracing or Tracing.from_environment(metrics.registry)  # OTEL_* variables
     # No trailing-slash redirect: Starlette builds its Location from the Host header, which a
     # client sets; /predict/x/ is a 404 like any other unknown path. /docs is served from the
     # service's own copy of Swagger UI (service/page.py); no ReDoc.
@@ -50,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added innermost first: the request record sees every answer, the body limit only the app's reads.
     app.add_middleware(ShutdownAnswer)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.models)
+    app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.models, tracing=tracing)
     if settings.cors_origin_list:  # outermost, so a browser's preflight needs no API key
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST", "PUT"],

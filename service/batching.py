@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import trace
 
 from service.errors import InferenceFailed, ServiceError
 
@@ -34,6 +35,12 @@ class Inference:
     inference_ms: float  # session.run alone
     batch_size: int      # images in the session.run, this request's and others'
     threads: int         # onnxruntime threads the inference ran on
+    # For its trace spans (perf_counter seconds): when it was submitted, when session.run began
+    started: float = 0.0
+    submitted: float = 0.0
+    # The trace contexts of every request in the session.run, given to the first one only, so
+    # that one span per batch links them all.
+    shared_by: tuple[trace.SpanContext, ...] = ()
 
 
 @dataclass
@@ -41,6 +48,8 @@ class _Request:
     job: Job
     answer: asyncio.Future
     submitted: float = field(default_factory=time.perf_counter)
+    # The caller's span (its server span while traced; an invalid one costs a contextvar read)
+    trace_context: trace.SpanContext = field(default_factory=lambda: trace.get_current_span().get_span_context())
 
     @property
     def rows(self) -> int | None:
@@ -184,12 +193,15 @@ class Batcher:
         size = ran.outputs.shape[0]
         self._on_batch(self.name, size)
         row = 0
+        shared_by = tuple(r.trace_context for r in requests)
         for request, batch in zip(requests, ran.batches):
             rows = batch.shape[0]
             if not request.answer.done():  # the caller may have gone away
                 request.answer.set_result(Inference(
                     ran.outputs[row:row + rows], (ran.picked - request.submitted) * 1000,
-                    (ran.finished - ran.started) * 1000, size, threads))
+                    (ran.finished - ran.started) * 1000, size, threads, ran.started, request.submitted,
+                    shared_by))
+                shared_by = ()
             row += rows
 
     @staticmethod

@@ -37,6 +37,7 @@ from service.metrics import server_timing
 from service.preprocess import PreparedImage
 from service.record import record_of
 from service.settings import Settings
+from service.tracing import Stage, measured_stages
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ class Lifecycle:
         started = time.perf_counter()
         model = self.engine.model(model_name)  # UnknownModel 404, ModelUnavailable 503
         async with self.admission.deadline(model.name):  # RequestTimedOut 504
+            read_at = time.perf_counter()
             payload = await self._read(request, adapter)  # BodyTimedOut 408, client gone 499
+            read = Stage(read_at, (time.perf_counter() - read_at) * 1000)
             async with self.admission.admit(model.name), _cancelled_when_client_leaves(request):
                 if adapter.parses_body:
                     inputs = await self._in_pool(adapter.decode, payload, model, pool=self.parser)
@@ -102,8 +105,13 @@ class Lifecycle:
                    "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                        total=(time.perf_counter() - started) * 1000)
-        record_of(request).timings = timings  # for the metrics and the access log
+        record = record_of(request)
+        record.timings = timings  # for the metrics, the access log and the trace
+        encode_at = time.perf_counter()
         response = adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
+        record.stages = measured_stages(read, images, inference, timings, encode_at)
+        record.batch = inference
+        record.attributes.update(_attributes(model, adapter, images))
         response.headers["Server-Timing"] = server_timing(timings)
         return response
 
@@ -166,6 +174,16 @@ class Lifecycle:
     def close(self) -> None:
         for pool in (self.pool, self.parser):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _attributes(model: ServedModel, adapter: Adapter, images: list[PreparedImage]) -> dict[str, str | int]:
+    """What a person filters this request's trace by."""
+    facts: dict[str, str | int] = {"model.file": model.onnx_file, "model.weights": model.metadata.weights.kind,
+                                   "protocol": type(adapter).__name__.removesuffix("Adapter")}
+    if images:
+        facts.update({"image.width": images[0].width, "image.height": images[0].height,
+                      "image.format": images[0].format, "image.count": len(images)})
+    return facts
 
 
 @asynccontextmanager

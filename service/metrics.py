@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 STAGES = ("decode", "preprocess", "queue", "inference", "total")
 # Seconds, as Prometheus names them; dense between 1 and 500 ms where these CNNs on CPU live.
@@ -77,8 +78,10 @@ class Metrics:
             for stage in STAGES:
                 self.stage_seconds.labels(model=model, stage=stage)
 
-    def observe_request(self, model: str, status: int, timings_ms: dict[str, float] | None) -> None:
-        """Record one finished prediction request; timings only for successful ones."""
+    def observe_request(self, model: str, status: int, timings_ms: dict[str, float] | None,
+                        trace_ids: tuple[str, str] | None = None) -> None:
+        """Record one finished prediction request; timings only for successful ones. A traced
+        request's trace id becomes the exemplar of the buckets it lands in (OpenMetrics only)."""
         self.requests.labels(model=model, status=str(status)).inc()
         now = time.monotonic()
         with self._lock:
@@ -89,8 +92,9 @@ class Metrics:
                 stats.last = now
             for stage, ms in (timings_ms or {}).items():
                 stats.stages[stage].append(ms)
+        exemplar = {"trace_id": trace_ids[0], "span_id": trace_ids[1]} if trace_ids else None
         for stage, ms in (timings_ms or {}).items():
-            self.stage_seconds.labels(model=model, stage=stage).observe(ms / 1000)
+            self.stage_seconds.labels(model=model, stage=stage).observe(ms / 1000, exemplar)
 
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model=model).observe(size)
@@ -108,6 +112,10 @@ class Metrics:
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
+
+    def openmetrics_text(self) -> bytes:
+        """The OpenMetrics exposition: the same series, with the latency buckets' exemplars."""
+        return openmetrics.generate_latest(self.registry)
 
     def summary(self) -> dict:
         """Per model: requests, answers by status, throughput, realised batch sizes and

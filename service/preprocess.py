@@ -309,6 +309,7 @@ class PreparedImage:
     format: str
     decode_ms: float
     preprocess_ms: float
+    started: float = 0.0  # perf_counter when its decoding began, for its trace spans
 
 
 def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
@@ -321,7 +322,7 @@ def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
     decoded_at = time.perf_counter()
     tensor = to_tensor(decoded.image, preprocessing)
     return PreparedImage(tensor, decoded.width, decoded.height, decoded.format,
-                         (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000)
+                         (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000, started)
 
 
 def preprocess(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
