@@ -49,6 +49,7 @@ NEEDS_OF_FILES = {
     "test_reliability_overload.py": ("e2e",),
     "test_reliability_shutdown.py": ("e2e",),
     "test_service_api.py": ("e2e",),
+    "test_tracing_export.py": ("e2e",),
 }
 
 
