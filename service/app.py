@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     plane: DataPlane = app.state.data_plane
-    engine, metrics = plane.engine, plane.metrics
+    engine = plane.engine
+    metrics = plane.metrics
     started = time.perf_counter()
     # Every model is in /metrics from the start: as "loading", and with the series alerts divide by.
     metrics.expect_models(engine.models)
@@ -86,7 +87,8 @@ def _load(engine: Engine) -> None:
 
 def _publish_models(engine: Engine, metrics: Metrics) -> None:
     for state in engine.models.values():
-        meta, served = state.folder.metadata, state.served
+        meta = state.folder.metadata
+        served = state.served
         metrics.observe_model(state.name, {
             "status": state.status, "architecture": meta.architecture if meta else "",
             "weights": meta.weights.kind if meta else "",

@@ -111,7 +111,9 @@ class ShutdownAnswer:
         except asyncio.CancelledError:
             if started or not data_plane(scope["app"]).draining:  # not a shutdown, or too late to answer
                 raise
-            asyncio.current_task().uncancel()
+            task = asyncio.current_task()
+            if task is not None:  # always: uvicorn runs each request in a task
+                task.uncancel()
             await error_response(ShuttingDown())(scope, receive, send)
 
 
