@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from contract import discover
 from service import preprocess
 from service.admission import Admission
+from service.budget import MemoryBudget, default_budget_bytes
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.lifecycle import Lifecycle
@@ -38,13 +39,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False  # set on SIGTERM: readiness says 503 while requests finish
     app.state.admission = Admission(settings.max_in_flight_per_model, settings.retry_after_seconds,
                                     settings.request_timeout_seconds, metrics.registry)
+    app.state.budget = MemoryBudget(settings.memory_budget_bytes or default_budget_bytes(),
+                                    settings.retry_after_seconds, metrics.registry)
     install_error_handlers(app)
     for router in (predict.router, open_inference.router, open_inference.inference_router,
                    status.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request log sees every answer, the body limit only the app's reads.
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, budget=app.state.budget)
     app.add_middleware(RequestMetrics, metrics=metrics,
                        model_names=lambda: app.state.engine.models if hasattr(app.state, "engine") else ())
     app.add_middleware(RequestLog)
@@ -61,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     settings, metrics = app.state.settings, app.state.metrics
-    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch)
+    budget = app.state.budget
+    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch,
+                    trim=budget.trim.soon)
     app.state.engine = engine
     app.state.lifecycle = Lifecycle(engine, app.state.admission, settings)
     started = time.perf_counter()
@@ -71,11 +76,14 @@ async def _lifespan(app: FastAPI):
     # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
     loading = asyncio.create_task(asyncio.to_thread(_load, engine))
     loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
+    if settings.memory_budget_bytes is None:  # less what the loaded models hold
+        loading.add_done_callback(lambda _: budget.resize(default_budget_bytes()))
     yield
     app.state.draining = True  # also when run by plain uvicorn, which has no drain phase
     await loading
     engine.close()
     app.state.lifecycle.close()
+    budget.trim.cancel()
 
 
 def _load(engine: Engine) -> None:

@@ -207,6 +207,14 @@ class ImageTooComplex(ServiceError):
         super().__init__(f"image too complex to decode: {reason}")
 
 
+class MemoryExhausted(ServiceError):
+    def __init__(self, budget: int, retry_after: int) -> None:
+        super().__init__(f"the requests in flight hold the server's memory budget of {budget} bytes "
+                         f"(MEMORY_BUDGET_BYTES); retry after {retry_after} s",
+                         budget_bytes=budget, retry_after_seconds=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 # Each error's HTTP status and its stable, machine-readable `code`: clients branch on the code,
 # people read the message, which may be reworded.
 ERRORS: dict[type[ServiceError], tuple[int, str]] = {
@@ -236,6 +244,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     InferenceFailed: (500, "inference_failed"),
     UnsupportedImageFormat: (415, "unsupported_image_format"),
     ImageTooComplex: (422, "image_too_complex"),
+    MemoryExhausted: (503, "memory_exhausted"),
 }
 
 

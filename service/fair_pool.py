@@ -1,0 +1,91 @@
+"""A thread pool whose threads are shared fairly between models.
+
+A plain pool serves jobs first come, first served: a model whose requests are each seconds of
+decoding fills its queue and every other model's job waits behind all of them. Here a job takes a
+thread only when one is free (nothing queues inside the pool); jobs that find none wait in their
+model's own queue, and each freed thread goes to the waiting model holding the fewest threads,
+the one served longest ago first. So a model keeps at most half the threads while another waits,
+and waits for at most one job of another model's.
+
+A thread stays taken until its job ends, even when the caller has gone (a decode cannot be
+stopped half-way): the model whose request timed out pays for it, not the others. A waiting job
+whose caller goes (its deadline passed, its client left) never starts.
+"""
+import asyncio
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+
+class FairPool:
+    def __init__(self, workers: int, name: str, per_model: int | None = None) -> None:
+        """`per_model`: the most threads one model may hold at once, even when nobody waits."""
+        self.workers = workers
+        self.per_model = per_model or workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self._busy = 0
+        self._held: Counter[str] = Counter()  # touched only from the event loop: no lock needed
+        self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()  # served longest ago first
+
+    async def run(self, model: str, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` on one of the threads, once `model` is given one."""
+        await self._thread_for(model)
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(function, *args)
+        job.add_done_callback(lambda _: _call_soon(loop, self._release, model))
+        return await asyncio.wrap_future(job)
+
+    async def _thread_for(self, model: str) -> None:
+        if self._busy < self.workers and self._held[model] < self.per_model \
+                and not self._waiting.get(model):
+            self._take(model)
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(model, deque()).append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # given a thread just as its caller left
+                self._release(model)
+            elif turn in self._waiting.get(model, ()):
+                self._waiting[model].remove(turn)
+                if not self._waiting[model]:
+                    del self._waiting[model]
+            raise
+
+    def _take(self, model: str) -> None:
+        self._busy += 1
+        self._held[model] += 1
+
+    def _release(self, model: str) -> None:
+        self._busy -= 1
+        self._held[model] -= 1
+        while self._busy < self.workers and (model := self._next_model()) is not None:
+            turn = self._waiting[model].popleft()
+            if not self._waiting[model]:
+                del self._waiting[model]
+            else:
+                self._waiting.move_to_end(model)
+            if not turn.done():  # its caller may have gone meanwhile
+                self._take(model)
+                turn.set_result(None)
+
+    def _next_model(self) -> str | None:
+        """The waiting model holding the fewest threads; among equals, the one served longest ago."""
+        candidates = [m for m, turns in self._waiting.items() if turns and self._held[m] < self.per_model]
+        return min(candidates, key=lambda m: self._held[m], default=None)
+
+    def shutdown(self) -> None:
+        for turns in self._waiting.values():
+            for turn in turns:
+                turn.cancel()
+        self._waiting.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop has closed: a job outlived the server
+        pass
