@@ -8,13 +8,15 @@ reservation does not fit, the request is refused with 503 and Retry-After, so th
 once, and the memory all requests hold together, never exceed the budget, whatever their shape.
 An account gives everything back when its request ends, however it ends.
 
-glibc keeps freed heap memory resident (for later allocations of the same thread). It is handed
-back by `malloc_trim`, off the event loop and at most once a second: after a request that held
-much memory, and once inference goes idle. The number of allocator arenas, each of which keeps
+glibc keeps freed heap memory resident (for later allocations of the same thread), and a refused
+request's body may stay referenced by its exception's frames until a full garbage collection.
+Both are handed back, off the event loop and at most once a second, after a request that held
+much memory and once inference goes idle: a full collection, then `malloc_trim`. The number of allocator arenas, each of which keeps
 its own freed memory, is bounded when the budget is made.
 """
 import asyncio
 import ctypes
+import gc
 import math
 import os
 import threading
@@ -77,12 +79,19 @@ class AllocatorTrim:
     def _trim(self, loop: asyncio.AbstractEventLoop) -> None:
         self._pending, self._last = None, time.monotonic()
         # On the loop's default pool, so that no request waits behind the trim.
-        loop.run_in_executor(None, _malloc_trim, 0)
+        loop.run_in_executor(None, _collect_and_trim)
 
     def cancel(self) -> None:
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+
+
+def _collect_and_trim() -> None:
+    # A refused request's exception holds its frames, and so its body, in a reference cycle that
+    # only a full collection frees; a trickle of traffic makes too few objects to start one.
+    gc.collect()
+    _malloc_trim(0)
 
 
 class MemoryBudget:

@@ -3,6 +3,7 @@ past the budget is refused with 503 before it costs anything, and everything goe
 request ends. In process for the budget's own logic, then against a real server for the attacks
 it bounds: many stalled uploads, raw or multipart, and memory handed back after a spike."""
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -141,3 +142,132 @@ def test_a_queued_decode_whose_caller_has_gone_never_starts():
     asyncio.run(scenario())
     pool.shutdown()
     assert ran == ["first", "next"]
+
+
+# Against a real server ---------------------------------------------------------------------------
+BUDGET = 200 * MB
+UPLOAD = 19 * MB
+STALLED_UPLOADS = 60
+STALLED_MULTIPART_UPLOADS = 40
+STALL_SECONDS = 6.0
+BUDGETED = {"MEMORY_BUDGET_BYTES": str(BUDGET), "BODY_TIMEOUT_SECONDS": str(STALL_SECONDS),
+            "REQUEST_TIMEOUT_SECONDS": str(STALL_SECONDS), "RETRY_AFTER_SECONDS": "3"}
+
+
+@pytest.fixture(scope="module")
+def server(model_repository, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("budget")
+    spool = folder / "tmp"
+    spool.mkdir()
+    with ready_server(model_repository, folder, MODEL, TMPDIR=str(spool), **BUDGETED) as server:
+        server.spool = spool
+        yield server
+
+
+def stalled_upload(port: int, head: bytes, body: bytes, answers: list[bytes]) -> None:
+    """Send the head and all of the body but its last byte, then wait for the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        try:
+            connection.sendall(head + body[:-1])
+        except OSError:  # refused and closed before the body was all sent
+            pass
+        try:
+            answers.append(connection.recv(65536))
+        except OSError:
+            answers.append(b"")
+
+
+def during_stalled_uploads(server, head: bytes, body: bytes, uploads: int, watch
+                           ) -> tuple[list[bytes], list]:
+    """`uploads` uploads at once, each missing its last byte; `watch()` sampled meanwhile."""
+    answers: list[bytes] = []
+    clients = [threading.Thread(target=stalled_upload, args=(server.port, head, body, answers))
+               for _ in range(uploads)]
+    for client in clients:
+        client.start()
+    samples = []
+    while any(client.is_alive() for client in clients):
+        samples.append(watch())
+        time.sleep(0.1)
+    return answers, samples
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def assert_excess_refused_with_retry_after(answers: list[bytes]) -> None:
+    statuses = [status_of(a) for a in answers]
+    refused = [a for a in answers if status_of(a) == 503]
+    assert len(refused) >= len(answers) - BUDGET // (2 * UPLOAD), statuses
+    assert all(b"retry-after: 3" in a.lower() and b"memory_exhausted" in a for a in refused)
+    assert set(statuses) <= {503, 408}, statuses  # the admitted ones stall until their deadline
+
+
+def test_sixty_stalled_19_mb_uploads_hold_at_most_the_budget(server, request):
+    body = b"\xff\xd8" + bytes(UPLOAD - 2)
+    head = (f"PUT /predict/{MODEL} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+            "\r\n").encode()
+    before = rss_bytes(server.pid)
+    answers, rss = during_stalled_uploads(server, head, body, STALLED_UPLOADS,
+                                          lambda: rss_bytes(server.pid))
+    growth = max(rss) - before
+    report(request, "budget", f"{STALLED_UPLOADS} stalled {UPLOAD // MB} MB uploads: RSS +"
+           f"{growth / MB:.0f} MB at most; {sum(status_of(a) == 503 for a in answers)} x 503")
+    assert growth < 300 * MB  # the budget (200 MB) and what the refused connections cost
+    assert_excess_refused_with_retry_after(answers)
+
+
+def test_forty_stalled_multipart_uploads_spool_at_most_the_budget_to_disk(server, request):
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + bytes(UPLOAD) + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /predict/{MODEL} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    answers, spooled = during_stalled_uploads(server, head, body, STALLED_MULTIPART_UPLOADS,
+                                              lambda: spool_bytes(server.pid, server.spool))
+    report(request, "budget", f"{STALLED_MULTIPART_UPLOADS} stalled multipart uploads: at most "
+           f"{max(spooled) / MB:.0f} MB of temporary files")
+    assert max(spooled) <= BUDGET // 2
+    assert_excess_refused_with_retry_after(answers)
+
+
+def spool_bytes(pid: int, folder: Path) -> int:
+    """Bytes of the temporary files the process holds open in `folder` (unlinked at creation)."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(str(folder)):
+                total += fd.stat().st_size
+        except OSError:  # closed meanwhile
+            pass
+    return total
+
+
+def test_memory_held_by_a_burst_of_big_uploads_goes_back_under_a_trickle_of_traffic(server, photos,
+                                                                                 request):
+    photo = photos["chelsea"].read_bytes()
+    garbage = b"\xff\xd8" + bytes(UPLOAD - 2)  # read whole, then refused as undecodable
+    url = f"{server.url}/predict/{MODEL}"
+
+    async def trickle(client: httpx.AsyncClient, seconds: float) -> list[int]:
+        rss, stop = [], time.monotonic() + seconds
+        while time.monotonic() < stop:
+            assert (await client.put(url, content=photo)).status_code == 200
+            rss.append(rss_bytes(server.pid))
+            await asyncio.sleep(0.25)
+        return rss
+
+    async def scenario() -> tuple[int, int, int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            before = (await trickle(client, 2.0))[-1]
+            burst = await asyncio.gather(*(client.put(url, content=garbage) for _ in range(4)))
+            assert [r.status_code for r in burst] == [400] * 4
+            peak = rss_bytes(server.pid)
+            after = await trickle(client, 4.0)
+        return before, peak, after[-1]
+
+    before, peak, after = asyncio.run(scenario())
+    report(request, "budget", f"burst of 4 x {UPLOAD // MB} MB: RSS {before / MB:.0f} MB before, "
+           f"{peak / MB:.0f} MB after it, {after / MB:.0f} MB after 4 s of 4 requests/s")
+    assert after - before < 40 * MB
