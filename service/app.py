@@ -76,6 +76,7 @@ async def _lifespan(app: FastAPI):
     # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
     loading = asyncio.create_task(asyncio.to_thread(_load, engine))
     loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
+    loading.add_done_callback(lambda _: budget.trim.started_up())
     if settings.memory_budget_bytes is None:  # less what the loaded models hold
         loading.add_done_callback(lambda _: budget.resize(default_budget_bytes()))
     yield

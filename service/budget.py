@@ -81,6 +81,13 @@ class AllocatorTrim:
         # On the loop's default pool, so that no request waits behind the trim.
         loop.run_in_executor(None, _collect_and_trim)
 
+    @staticmethod
+    def started_up() -> None:
+        """Called once the models are loaded: what start-up made lives as long as the process, so
+        it is kept out of every collection, and one after a big request costs only what requests
+        made since (milliseconds rather than tens of them)."""
+        gc.freeze()
+
     def cancel(self) -> None:
         if self._pending is not None:
             self._pending.cancel()

@@ -244,6 +244,9 @@ def spool_bytes(pid: int, folder: Path) -> int:
     return total
 
 
+BURST = BUDGET // (2 * UPLOAD)  # as many as the budget admits at once
+
+
 def test_memory_held_by_a_burst_of_big_uploads_goes_back_under_a_trickle_of_traffic(server, photos,
                                                                                  request):
     photo = photos["chelsea"].read_bytes()
@@ -261,13 +264,13 @@ def test_memory_held_by_a_burst_of_big_uploads_goes_back_under_a_trickle_of_traf
     async def scenario() -> tuple[int, int, int]:
         async with httpx.AsyncClient(timeout=60) as client:
             before = (await trickle(client, 2.0))[-1]
-            burst = await asyncio.gather(*(client.put(url, content=garbage) for _ in range(4)))
-            assert [r.status_code for r in burst] == [400] * 4
+            burst = await asyncio.gather(*(client.put(url, content=garbage) for _ in range(BURST)))
+            assert [r.status_code for r in burst] == [400] * BURST
             peak = rss_bytes(server.pid)
             after = await trickle(client, 4.0)
         return before, peak, after[-1]
 
     before, peak, after = asyncio.run(scenario())
-    report(request, "budget", f"burst of 4 x {UPLOAD // MB} MB: RSS {before / MB:.0f} MB before, "
+    report(request, "budget", f"burst of {BURST} x {UPLOAD // MB} MB: RSS {before / MB:.0f} MB before, "
            f"{peak / MB:.0f} MB after it, {after / MB:.0f} MB after 4 s of 4 requests/s")
-    assert after - before < 40 * MB
+    assert after - before < 16 * MB  # of the 190 MB the burst held
