@@ -2,20 +2,26 @@
 
 A plain pool serves jobs first come, first served: a model whose requests are each seconds of
 decoding fills its queue and every other model's job waits behind all of them. Here a job takes a
-thread only when one is free (nothing queues inside the pool); jobs that find none wait in their
-model's own queue, and each freed thread goes to the waiting model holding the fewest threads,
-the one served longest ago first. So a model keeps at most half the threads while another waits,
-and waits for at most one job of another model's.
+thread only when one is free (nothing queues inside the pool), and a model holds at most its share
+of the threads: all of them while it is the only one asking, an equal share (at least one) of them
+while other models have asked within the last `RECENT_SECONDS`, so each of those finds a thread
+free without waiting for the others' jobs to end. Jobs that find none wait in their model's own
+queue, and each freed thread goes to the waiting model holding the fewest, the one served longest
+ago first.
 
 A thread stays taken until its job ends, even when the caller has gone (a decode cannot be
 stopped half-way): the model whose request timed out pays for it, not the others. A waiting job
 whose caller goes (its deadline passed, its client left) never starts.
 """
 import asyncio
+import math
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+RECENT_SECONDS = 10.0  # a model that asked within this long keeps its share of the threads
 
 
 class FairPool:
@@ -27,6 +33,7 @@ class FairPool:
         self._busy = 0
         self._held: Counter[str] = Counter()  # touched only from the event loop: no lock needed
         self._waiting: OrderedDict[str, deque[asyncio.Future]] = OrderedDict()  # served longest ago first
+        self._asked: dict[str, float] = {}  # each model's latest job, monotonic seconds
 
     async def run(self, model: str, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` on one of the threads, once `model` is given one."""
@@ -36,8 +43,16 @@ class FairPool:
         job.add_done_callback(lambda _: _call_soon(loop, self._release, model))
         return await asyncio.wrap_future(job)
 
+    def _share(self) -> int:
+        """Threads one model may hold: an equal share between the models asking lately."""
+        now = time.monotonic()
+        for model in [m for m, at in self._asked.items() if now - at > RECENT_SECONDS]:
+            del self._asked[model]
+        return min(self.per_model, max(1, math.ceil(self.workers / max(len(self._asked), 1))))
+
     async def _thread_for(self, model: str) -> None:
-        if self._busy < self.workers and self._held[model] < self.per_model \
+        self._asked[model] = time.monotonic()
+        if self._busy < self.workers and self._held[model] < self._share() \
                 and not self._waiting.get(model):
             self._take(model)
             return
@@ -73,7 +88,8 @@ class FairPool:
 
     def _next_model(self) -> str | None:
         """The waiting model holding the fewest threads; among equals, the one served longest ago."""
-        candidates = [m for m, turns in self._waiting.items() if turns and self._held[m] < self.per_model]
+        share = self._share()
+        candidates = [m for m, turns in self._waiting.items() if turns and self._held[m] < share]
         return min(candidates, key=lambda m: self._held[m], default=None)
 
     def shutdown(self) -> None:

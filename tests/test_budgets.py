@@ -107,7 +107,7 @@ def test_four_requests_at_their_largest_always_fit():
 
 
 # In process: decode threads shared fairly between models ----------------------------------------
-def test_a_model_waiting_for_a_decode_thread_is_served_before_the_busy_models_queue():
+def test_while_another_model_asks_a_busy_model_keeps_a_decode_thread_free_for_it():
     pool = FairPool(2, "test")
     order: list[str] = []
 
@@ -116,14 +116,29 @@ def test_a_model_waiting_for_a_decode_thread_is_served_before_the_busy_models_qu
         order.append(name)
 
     async def scenario() -> None:
+        await pool.run("b", job, "b0", 0.0)
         busy = [asyncio.ensure_future(pool.run("a", job, f"a{i}", 0.2)) for i in range(6)]
-        await asyncio.sleep(0.05)  # a0 and a1 hold both threads, a2..a5 wait
-        other = asyncio.ensure_future(pool.run("b", job, "b", 0.0))
-        await asyncio.gather(*busy, other)
+        await asyncio.sleep(0.05)  # a0 holds a's share, one thread; a1..a5 wait
+        await pool.run("b", job, "b1", 0.0)
+        order.append("b answered")
+        await asyncio.gather(*busy)
 
     asyncio.run(scenario())
     pool.shutdown()
-    assert order.index("b") <= 2  # right after the first of a's running jobs, not after all six
+    assert order[:3] == ["b0", "b1", "b answered"]  # before any of a's jobs ended
+
+
+def test_a_model_alone_uses_every_decode_thread():
+    pool = FairPool(2, "test")
+
+    async def scenario() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(pool.run("a", time.sleep, 0.2) for _ in range(4)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(scenario())
+    pool.shutdown()
+    assert elapsed < 0.6  # two at a time: 0.4 s, not 0.8
 
 
 def test_a_queued_decode_whose_caller_has_gone_never_starts():
