@@ -250,4 +250,4 @@ def test_one_models_expensive_uploads_do_not_starve_another_model(shared_server,
            f"{percentile(latencies, 50):.2f} s, max {max(latencies):.2f} s; /health/live max "
            f"{max(health) * 1000:.0f} ms")
     assert {status for status, _ in bystander} == {200}  # never a 504 while the other model is busy
-    assert percentile(latencies, 50) < 2.5
+    assert max(latencies) < 2.0  # it never waits for one of the other model's decodes to end
