@@ -6,12 +6,12 @@
 #
 # Plain Dockerfile syntax (no BuildKit-only features), so the classic builder builds it too.
 
-# Stage 1: the pip requirement lists, read from pyproject.toml (the one place they are declared).
+# Stage 1: the export stage's pip requirement list, read from pyproject.toml (the one place it is
+# declared). The runtime stage installs requirements.lock instead.
 FROM python:3.11-slim AS requirements
 WORKDIR /requirements
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-open('runtime.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
 open('export.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies']['export']) + '\n')"
 
 # Stage 2: PyTorch exports the model repository. Nothing of this stage but the repository
@@ -38,11 +38,12 @@ RUN set -- python -m model_defs.export --weights ${WEIGHTS} ${MODELS:+--models "
  && "$@" \
  && chmod -R a=rX /models
 
-# Stage 3: the service. onnxruntime and the web stack, no torch.
+# Stage 3: the service. onnxruntime and the web stack, no torch: exactly the versions in
+# requirements.lock, each file checked against its hash (`make lock` writes it from pyproject.toml).
 FROM python:3.11-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY --from=requirements /requirements/runtime.txt /tmp/
-RUN python -m pip install -r /tmp/runtime.txt && rm /tmp/runtime.txt
+COPY requirements.lock /tmp/
+RUN python -m pip install --require-hashes -r /tmp/requirements.lock && rm /tmp/requirements.lock
 RUN groupadd --system --gid 10001 cnn-serve \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cnn-serve
 WORKDIR /app
@@ -55,8 +56,8 @@ COPY --from=export /export-command.txt ./
 ENV MODEL_REPOSITORY=/models HOST=0.0.0.0 PORT=8000
 # Numeric: Kubernetes checks `runAsNonRoot` against the image's user only when it is a number.
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8002
 HEALTHCHECK --interval=5s --timeout=3s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('PORT', '8000'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('ADMIN_PORT', '8002'), timeout=2)"]
 # Exec form: uvicorn is PID 1 and receives SIGTERM from `docker stop` directly.
 CMD ["python", "-m", "service"]

@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test bench clean docker docker-setup ci
+.PHONY: setup export run test bench docs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,24 @@ run: export
 
 test: setup
 	$(BIN)/pytest
+
+# docs/settings.md's table, from the Settings fields; tests/test_docs.py fails until it is rewritten.
+docs: setup
+	$(BIN)/python -m docs.settings_page
+
+# Lint (ruff) and types (mypy), as configured in pyproject.toml; CI runs this before the tests.
+# Both run whatever the first finds, so one run lists every finding.
+lint: setup
+	$(BIN)/ruff check contract service model_defs bench; ruff=$$?; \
+	$(BIN)/mypy contract service && exit $$ruff
+
+# requirements.lock: the runtime image's packages, pinned with their hashes (the Dockerfile installs
+# it with --require-hashes), resolved from pyproject.toml's runtime dependencies for the image's
+# Python and platform. Keeps the pins that still fit; `make lock LOCK_ARGS=--upgrade` moves them all.
+lock: setup
+	$(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" $(LOCK_ARGS) \
+	    -o requirements.lock
 
 # Service vs the plain FastAPI baseline and bare onnxruntime, every model, 1 and 16 clients.
 bench: setup export

@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=30.0, help="seconds per cell, warm-up included")
     parser.add_argument("--bare-runs", type=int, default=200, help="bare session.run calls per model")
     parser.add_argument("--intra-op-threads", type=int,
-                        help="given to a started server and the bare run (default: what the server reports, else the core count)")
+                        help="given to a started server and the bare run "
+                             "(default: what the server reports, else the core count)")
     parser.add_argument("--baseline", action="store_true", help="also start and measure bench.baseline")
     parser.add_argument("--allow-remote", action="store_true", help="allow a --url that is not loopback")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))

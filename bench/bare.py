@@ -3,10 +3,11 @@ without a server around it, so a server's overhead reads as a ratio."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import onnxruntime as ort
 
 from bench.load import percentile
@@ -52,7 +53,10 @@ def bare_session_run(model_dir: Path, image: bytes, threads: int, runs: int,
     decode + preprocess, both on this process's one thread."""
     settings = Settings()
     model = open_model(model_dir, session_options(settings, threads))
-    prepare = lambda: preprocess(image, model.metadata.preprocessing, settings.max_image_pixels)
+
+    def prepare() -> np.ndarray:
+        return preprocess(image, model.metadata.preprocessing, settings.max_image_pixels)
+
     feed = {model.metadata.input.name: prepare()}
     inference = timed(lambda: model.session.run(None, feed), runs, time_limit / 2)
     preprocessing = timed(prepare, runs, time_limit / 2)
@@ -66,7 +70,8 @@ def timed(call: Callable[[], object], runs: int, time_limit: float) -> list[floa
     allocation and caches), within `time_limit` seconds."""
     for _ in range(UNMEASURED_CALLS):
         call()
-    timings, deadline = [], time.perf_counter() + time_limit
+    timings = []
+    deadline = time.perf_counter() + time_limit
     while len(timings) < runs and time.perf_counter() < deadline:
         start = time.perf_counter()
         call()

@@ -45,10 +45,13 @@ async def read_response(reader: asyncio.StreamReader) -> Response:
     """Read one response to its end, body included, so the next one starts on a clean stream."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
-    length, chunked, keep_alive = 0, False, True
+    length = 0
+    chunked = False
+    keep_alive = True
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        name, value = name.strip().lower(), value.strip().lower()
+        name = name.strip().lower()
+        value = value.strip().lower()
         if name == b"content-length":
             length = int(value)
         elif name == b"transfer-encoding":
@@ -79,7 +82,9 @@ class Client:
     """One simulated user: sends the request, awaits the answer, repeats, on one kept-alive connection."""
 
     def __init__(self, host: str, port: int, request: bytes) -> None:
-        self.host, self.port, self.request = host, port, request
+        self.host = host
+        self.port = port
+        self.request = request
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -92,10 +97,12 @@ class Client:
                 # A request in flight at the deadline gets a grace period, then counts as an error.
                 async with asyncio.timeout_at(phase.deadline + GRACE_S):
                     response = await self._exchange()
-                outcome, keep_alive = str(response.status), response.keep_alive
+                outcome = str(response.status)
+                keep_alive = response.keep_alive
             except (OSError, EOFError, TimeoutError, ValueError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError) as error:
-                outcome, keep_alive = type(error).__name__, False
+                outcome = type(error).__name__
+                keep_alive = False
             if outcome == "200":
                 phase.latencies_ms.append((time.perf_counter() - start) * 1000.0)
             phase.statuses[outcome] = phase.statuses.get(outcome, 0) + 1
@@ -111,7 +118,8 @@ class Client:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        self.reader = self.writer = None
+        self.reader = None
+        self.writer = None
 
 
 @dataclass(frozen=True)
@@ -139,9 +147,11 @@ async def _drive(host: str, port: int, request: bytes, concurrency: int, warmup:
         warm = Phase(warmup, deadline)
         await asyncio.gather(*(client.run(warm) for client in clients))
         measured = Phase(requests, deadline)
-        cpu, start = time.process_time(), time.perf_counter()
+        cpu_start = time.process_time()
+        start = time.perf_counter()
         await asyncio.gather(*(client.run(measured) for client in clients))
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
     finally:
         for client in clients:
             client.close()

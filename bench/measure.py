@@ -8,9 +8,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from typing import ContextManager, Iterator
+from datetime import UTC, datetime
 
 import onnxruntime as ort
 
@@ -18,8 +18,16 @@ from bench.bare import BareRun, bare_session_run
 from bench.baseline import INTRA_OP_THREADS as BASELINE_THREADS
 from bench.load import Cell, drive, multipart_request, summarise
 from bench.report import Results, ServerSummary, comparisons, ms
-from bench.servers import (ServerProcess, answers_200, cpu_seconds, http_get, rss_bytes, running,
-                           running_service, wait_for)
+from bench.servers import (
+    ServerProcess,
+    answers_200,
+    cpu_seconds,
+    http_get,
+    rss_bytes,
+    running,
+    running_service,
+    wait_for,
+)
 from bench.tradeoff import served_metadata, tradeoff_points
 from service.settings import available_cores
 
@@ -77,7 +85,8 @@ def model_threads(host: str, port: int) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def started(name: str, server: ContextManager[ServerProcess], intra_op_threads: int) -> Iterator[Target]:
+def started(name: str, server: contextlib.AbstractContextManager[ServerProcess],
+            intra_op_threads: int) -> Iterator[Target]:
     """A server process, as a target once it is ready, until the block ends."""
     with server as process:
         ready_s = process.wait_ready(READY_TIMEOUT_S)
@@ -154,18 +163,19 @@ def summaries(servers: list[Target]) -> list[ServerSummary]:
     after = [server.rss_mb() for server in servers]
     if any(server.process for server in servers):
         time.sleep(SETTLE_S)
-    return [server.summary(rss, server.rss_mb()) for server, rss in zip(servers, after)]
+    return [server.summary(rss, server.rss_mb()) for server, rss in zip(servers, after, strict=True)]
 
 
 def measure(args: argparse.Namespace, image: bytes, models: list[str], servers: list[Target]) -> Results:
-    cells, bare = [], []
+    cells = []
+    bare = []
     metadata = served_metadata(servers[0].host, servers[0].port)
     for model in models:
         bare_here = bare_runs(args, image, model, servers)
         bare += bare_here
         cells += cells_of(args, image, model, servers, bare_here)
     return Results(
-        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
         machine={"cpus": os.cpu_count(), "platform": platform.platform(),
                  "python": platform.python_version(), "onnxruntime": ort.__version__},
         image={"name": args.image.name, "bytes": len(image)},

@@ -9,7 +9,7 @@ import numpy as np
 
 from bench.bare import BareRun
 from bench.load import Cell
-from bench.tradeoff import TradeoffPoint, tradeoff_table
+from bench.tradeoff import TRADEOFF_COLUMNS, TradeoffPoint, tradeoff_row
 
 COLUMNS = ("server", "model", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
            "threads", "bare p50 ms", "p50/bare", "prep p50 ms", "server CPU ms/req")
@@ -62,7 +62,10 @@ def versus_row(comparison: Comparison) -> tuple[str, ...]:
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """Names left-aligned in the first two columns, numbers right-aligned after them."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
@@ -164,7 +167,8 @@ def text(results: Results, settle_s: float) -> str:
     if results.service_vs_baseline:
         lines += ["", format_table(VERSUS_COLUMNS, [versus_row(v) for v in results.service_vs_baseline])]
     if results.tradeoff:
-        lines += ["", "The trade-off, one point per served model (tradeoff.png):", tradeoff_table(results.tradeoff)]
+        lines += ["", "The trade-off, one point per served model (tradeoff.png):",
+                  format_table(TRADEOFF_COLUMNS, [tradeoff_row(p) for p in results.tradeoff])]
     lines.append("")
     for server in results.servers:
         if server.started_here:

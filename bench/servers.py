@@ -14,9 +14,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 SERVICE = [sys.executable, "-m", "service"]
@@ -98,17 +99,21 @@ def answers_200(reply: Reply) -> bool:
 
 
 class ServerProcess:
-    """A server command on a free loopback port (given to it as HOST and PORT), its output in a
-    log file, until `stop`."""
+    """A server command on a free loopback port (given to it as HOST and PORT, and another as
+    ADMIN_PORT), its output in a log file, until `stop`."""
 
     def __init__(self, command: list[str], log: Path, env: Mapping[str, str] | None = None,
                  cwd: Path | None = None) -> None:
-        self.host, self.port = LOOPBACK, free_port()
+        self.host = LOOPBACK
+        self.port = free_port()
         self.url = f"http://{self.host}:{self.port}"
+        self.admin_port = free_port()
+        self.admin_url = f"http://{self.host}:{self.admin_port}"
         self.log = log
         # What a reader recognises in a failure: "python -m service", not a virtualenv's path.
         self.name = " ".join([Path(command[0]).name, *command[1:3]])
-        environment = {**os.environ, "HOST": self.host, "PORT": str(self.port), **(env or {})}
+        environment = {**os.environ, "HOST": self.host, "PORT": str(self.port),
+                       "ADMIN_PORT": str(self.admin_port), **(env or {})}
         self.started = time.perf_counter()
         with log.open("wb") as output:  # the child keeps its own copy of the handle
             self.process = subprocess.Popen(command, env=environment, cwd=cwd, stdout=output,
@@ -128,7 +133,10 @@ class ServerProcess:
 
     def wait_loaded(self, timeout: float = 180) -> dict:
         """The service's readiness body once every model is loaded or failed (ready or not)."""
-        loaded = lambda reply: reply.json().get("loading_done")
+
+        def loaded(reply: Reply) -> bool:
+            return bool(reply.json().get("loading_done"))
+
         return wait_for(self.host, self.port, "/health/ready", loaded, timeout, self).json()
 
     def log_tail(self) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from bench.load import Cell
 from bench.servers import http_get
 
-COLUMNS = ("model", "precision", "params", "MACs", "bare p50 ms", "service p50 ms", "threads", "ms per GMAC")
+TRADEOFF_COLUMNS = ("model", "precision", "params", "MACs", "bare p50 ms", "service p50 ms", "threads", "ms per GMAC")
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,12 @@ def tradeoff_points(cells: list[Cell], metadata: dict[str, dict], server: str = 
     return sorted(points, key=lambda p: (p.macs or 0, p.model))
 
 
-def row(point: TradeoffPoint) -> tuple[str, ...]:
+def tradeoff_row(point: TradeoffPoint) -> tuple[str, ...]:
     ms = lambda value: "-" if value is None else f"{value:.2f}"  # noqa: E731
     per_gmac = (point.bare_p50_ms / (point.macs / 1e9)) if point.bare_p50_ms and point.macs else None
     return (point.model, point.precision, f"{point.params:,}" if point.params else "-",
             f"{point.macs / 1e6:.1f}M" if point.macs else "-", ms(point.bare_p50_ms), ms(point.service_p50_ms),
             str(point.intra_op_threads or "-"), ms(per_gmac))
-
-
-def tradeoff_table(points: list[TradeoffPoint]) -> str:
-    rows = [COLUMNS, *map(row, points)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    line = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w)  # noqa: E731
-                               for i, (v, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(COLUMNS), "  ".join("-" * w for w in widths), *map(line, rows[1:])])
 
 
 def write_tradeoff_chart(points: list[TradeoffPoint], path: Path) -> None:

@@ -6,12 +6,39 @@ and the functions that read, write and check a model folder. It imports only pyd
 standard library, so the exporter (PyTorch) and the service (onnxruntime) can both depend on it.
 `python -m contract` prints the JSON schema of metadata.json.
 """
-from contract.metadata import (LABELS_FILE, METADATA_FILE, MODEL_FILE, RANDOM_WEIGHTS_NOTE, SCHEMA_VERSION,
-                               InputSpec, Labels, Layout, ModelMetadata, ModelStatus, OnnxFile, OutputSpec, Paper,
-                               Preprocessing, ResizeRule, Weights, WeightsKind)
-from contract.metadata import CalibrationSet, Drift, Quantization
-from contract.repository import (ModelFolder, ModelLoadError, RepositoryNotFound, discover, read_labels,
-                                 read_metadata, sha256_of, verify, write_metadata)
+from contract.metadata import (
+    LABELS_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    RANDOM_WEIGHTS_NOTE,
+    SCHEMA_VERSION,
+    CalibrationSet,
+    Drift,
+    InputSpec,
+    Labels,
+    Layout,
+    ModelMetadata,
+    ModelStatus,
+    OnnxFile,
+    OutputSpec,
+    Paper,
+    Preprocessing,
+    Quantization,
+    ResizeRule,
+    Weights,
+    WeightsKind,
+)
+from contract.repository import (
+    ModelFolder,
+    ModelLoadError,
+    RepositoryNotFound,
+    discover,
+    read_labels,
+    read_metadata,
+    sha256_of,
+    verify,
+    write_metadata,
+)
 
 __all__ = [
     "SCHEMA_VERSION", "METADATA_FILE", "MODEL_FILE", "LABELS_FILE", "RANDOM_WEIGHTS_NOTE",

@@ -4,12 +4,13 @@ Version 2 added what lets weights carry their own preprocessing (`resize_rule`, 
 which implementation's layout a network follows (`layout`); every new field defaults to version
 1's behaviour, so a version-1 file reads and is served as before.
 """
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+ReadableSchemaVersion = Literal[1, 2]
+READABLE_SCHEMA_VERSIONS = get_args(ReadableSchemaVersion)
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
@@ -67,7 +68,8 @@ class Preprocessing(BaseModel):
         """An image's (width, height) after `resize_rule`, before the centre crop."""
         if self.resize_rule == "squash":
             return self.resize, self.resize
-        short, long = min(width, height), max(width, height)
+        short = min(width, height)
+        long = max(width, height)
         # torchvision truncates the longer side; megvii's OpenCV resize rounds it.
         new_long = int(self.resize * long / short + (0.5 if self.resize_rule == "shorter_side_rounded" else 0))
         return (self.resize, new_long) if width <= height else (new_long, self.resize)
@@ -170,7 +172,7 @@ class ModelMetadata(BaseModel):
     # protected_namespaces=(): `model_file` is a field here, not pydantic's `model_` namespace.
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    schema_version: Literal[READABLE_SCHEMA_VERSIONS] = Field(description="Version of this format.")
+    schema_version: ReadableSchemaVersion = Field(description="Version of this format.")
     name: str = Field(description="The model's URL name; equals its folder name.")
     architecture: str = Field(description="Human name of the network, e.g. 'MobileNetV3-Large 1.0'.")
     layout: Layout = Field(

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from contract import Quantization
-from model_defs.onnx_export import ExportError
 from model_defs.registry import MODELS, ModelSpec
-from model_defs.repository import ExportedModel, write_model_folder
+from model_defs.to_onnx import ExportError
 from model_defs.variants import ModelChoice, UnknownModelName, choose
 from model_defs.weights import CheckpointUnavailable, WeightsError, build_with_weights, weights_files
+from model_defs.write_repository import ExportedModel, write_model_folder
 
 
 class UsageError(Exception):

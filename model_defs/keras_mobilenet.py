@@ -135,7 +135,8 @@ def _attribute(group, name: str) -> list[str]:
     if name in group.attrs:
         values = list(group.attrs[name])
     else:
-        values, chunk = [], 0
+        values = []
+        chunk = 0
         while f"{name}{chunk}" in group.attrs:
             values += list(group.attrs[f"{name}{chunk}"])
             chunk += 1

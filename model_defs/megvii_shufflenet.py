@@ -71,7 +71,8 @@ class MegviiShuffleUnit(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, stride: int, group_first_conv: bool) -> None:
         super().__init__()
-        self.stride, self.groups = stride, groups
+        self.stride = stride
+        self.groups = groups
         mid = out_channels // 4
         branch_out = out_channels - in_channels if stride == 2 else out_channels
         # Flat Sequentials, so the state_dict keys are the checkpoints' (branch_main_1.3.weight, ...).
@@ -102,8 +103,9 @@ class MegviiShuffleNetV1(nn.Module):
         stem, stage_channels = MEGVII_CHANNELS[groups, width]
         self.first_conv = nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        units, in_channels = [], stem
-        for stage, (repeats, out_channels) in enumerate(zip(STAGE_REPEATS_V1, stage_channels)):
+        units = []
+        in_channels = stem
+        for stage, (repeats, out_channels) in enumerate(zip(STAGE_REPEATS_V1, stage_channels, strict=True)):
             for i in range(repeats):
                 units.append(MegviiShuffleUnit(in_channels, out_channels, groups, 2 if i == 0 else 1,
                                                group_first_conv=not (stage == 0 and i == 0)))

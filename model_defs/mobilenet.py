@@ -11,7 +11,6 @@ from torch import nn
 
 from model_defs.layers import ConvBNActivation, SqueezeExcitation, make_divisible
 
-
 # --- MobileNetV1 (Howard et al. 2017, Table 1) ----------------------------------------------
 
 class DepthwiseSeparableConf(NamedTuple):
@@ -83,7 +82,7 @@ class InvertedResidualV2(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
-        hidden = int(round(in_channels * expand_ratio))
+        hidden = round(in_channels * expand_ratio)
         self.use_residual = stride == 1 and in_channels == out_channels
         layers: list[nn.Module] = []
         if expand_ratio != 1:

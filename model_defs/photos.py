@@ -27,7 +27,8 @@ def photo_tensor(path: Path, preprocessing: Preprocessing) -> np.ndarray:
     image = image.resize(preprocessing.resized_size(*image.size),
                          Image.Resampling[preprocessing.interpolation.upper()])
     crop = preprocessing.crop
-    top, left = int(round((image.height - crop) / 2)), int(round((image.width - crop) / 2))
+    top = round((image.height - crop) / 2)
+    left = round((image.width - crop) / 2)
     pixels = np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.float32)
     if preprocessing.color == "BGR":
         pixels = pixels[:, :, ::-1]

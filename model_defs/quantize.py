@@ -8,18 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from contract import CalibrationSet, Drift, Preprocessing, Quantization, Weights
-from model_defs.onnx_export import INPUT_NAME, ExportError
 from model_defs.photos import CALIBRATION_DIR, HELD_OUT_DIR, photo_tensor, photos_in
+from model_defs.to_onnx import INPUT_NAME, ExportError
 
 INT8_SUFFIX = "_int8"
 CALIBRATION_METHOD = CalibrationMethod.MinMax
 # uint8 activations with int8 weights (U8S8): the combination onnxruntime's x86 CPU kernels run fastest.
-ACTIVATION_TYPE, WEIGHT_TYPE = QuantType.QUInt8, QuantType.QInt8
+ACTIVATION_TYPE = QuantType.QUInt8
+WEIGHT_TYPE = QuantType.QInt8
 # Weights in 7 bits: without VNNI, x86 kernels add pairs of u8*s8 products in int16 (VPMADDUBSW), which
 # saturates with full-range weights; onnxruntime's documented remedy, at no cost in speed.
 REDUCE_RANGE = True
@@ -81,7 +81,7 @@ def measure_drift(fp32_path: Path, int8_path: Path, preprocessing: Preprocessing
 def drift(photos: list[str], reference: np.ndarray, quantized: np.ndarray) -> Drift:
     """Top-1 agreement, top-5 overlap and logit cosine of `quantized` against `reference` (rows: photos)."""
     top = lambda logits: np.argsort(-logits, axis=1)[:, :TOP_K]  # noqa: E731
-    overlap = [len(set(a) & set(b)) / TOP_K for a, b in zip(top(reference), top(quantized))]
+    overlap = [len(set(a) & set(b)) / TOP_K for a, b in zip(top(reference), top(quantized), strict=True)]
     cosine = (reference * quantized).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(quantized, axis=1))
     return Drift(photos=photos,
                  top1_agreement=float((reference.argmax(1) == quantized.argmax(1)).mean()),

@@ -7,7 +7,6 @@ from pathlib import Path
 from torch import nn
 
 from contract import Layout, Paper, Preprocessing
-
 from model_defs.effnet import EffNet
 from model_defs.mobilenet import MobileNetV1, MobileNetV2, MobileNetV3
 from model_defs.shufflenet import ShuffleNetV1, ShuffleNetV2
@@ -106,8 +105,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec(
         name="shufflenetv2",
         architecture="ShuffleNetV2 1.0x",
-        paper=Paper(title="ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design", authors="Ma et al.",
-                    year=2018, url="https://arxiv.org/abs/1807.11164"),
+        paper=Paper(title="ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design",
+                    authors="Ma et al.", year=2018, url="https://arxiv.org/abs/1807.11164"),
         builder=partial(ShuffleNetV2, 1.0),
         preprocessing=IMAGENET_PREPROCESSING,
         labels=IMAGENET_1K,
@@ -116,8 +115,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec(
         name="effnet",
         architecture="EffNet (CIFAR-10)",
-        paper=Paper(title="EffNet: An Efficient Structure for Convolutional Neural Networks", authors="Freeman et al.", year=2018,
-                    url="https://arxiv.org/abs/1801.06434"),
+        paper=Paper(title="EffNet: An Efficient Structure for Convolutional Neural Networks", authors="Freeman et al.",
+                    year=2018, url="https://arxiv.org/abs/1801.06434"),
         builder=EffNet,
         preprocessing=Preprocessing(resize=32, crop=32, mean=CIFAR10_MEAN, std=CIFAR10_STD),
         labels=CIFAR_10,

@@ -66,7 +66,7 @@ class ShuffleNetV1(nn.Module):
         self.conv1 = ConvBNActivation(3, in_channels, 3, stride=2)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         stages = []
-        for stage_index, (repeats, out_channels) in enumerate(zip(STAGE_REPEATS_V1, stage_channels)):
+        for stage_index, (repeats, out_channels) in enumerate(zip(STAGE_REPEATS_V1, stage_channels, strict=True)):
             units = []
             for i in range(repeats):
                 # Stage 2's first 1x1 conv is not grouped: its input has only 24 channels.
@@ -160,7 +160,7 @@ class ShuffleNetV2(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         in_channels = channels[0]
         stages = []
-        for repeats, out_channels in zip(STAGE_REPEATS_V2, channels[1:4]):
+        for repeats, out_channels in zip(STAGE_REPEATS_V2, channels[1:4], strict=True):
             units = [ShuffleV2Unit(in_channels, out_channels, 2)]
             units += [ShuffleV2Unit(out_channels, out_channels, 1) for _ in range(repeats - 1)]
             stages.append(nn.Sequential(*units))

@@ -44,8 +44,10 @@ def values(options: tuple) -> str:
 
 
 GRAMMAR = (
-    f"mobilenetv1_<alpha>_<resolution> (alpha {values(MOBILENET_V1_ALPHAS)}, resolution {values(MOBILENET_V1_RESOLUTIONS)}), "
-    f"mobilenetv2_<alpha>_<resolution> (alpha {values(MOBILENET_V2_ALPHAS)}, resolution {values(MOBILENET_V2_RESOLUTIONS)}), "
+    f"mobilenetv1_<alpha>_<resolution> (alpha {values(MOBILENET_V1_ALPHAS)}, "
+    f"resolution {values(MOBILENET_V1_RESOLUTIONS)}), "
+    f"mobilenetv2_<alpha>_<resolution> (alpha {values(MOBILENET_V2_ALPHAS)}, "
+    f"resolution {values(MOBILENET_V2_RESOLUTIONS)}), "
     f"mobilenetv3_large_<alpha> and mobilenetv3_small_<alpha> (alpha {values(MOBILENET_V3_ALPHAS)}), "
     f"shufflenetv1_g<groups>_<scale>x (groups {values(SHUFFLENET_V1_GROUPS)}, scale {values(SHUFFLENET_SCALES)}), "
     f"shufflenetv2_<scale>x (scale {values(SHUFFLENET_SCALES)}); "

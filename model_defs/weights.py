@@ -19,10 +19,21 @@ from safetensors.torch import load_file
 from torch import nn
 
 from contract import RANDOM_WEIGHTS_NOTE, Weights, sha256_of
-from model_defs.keras_mobilenet import (KerasMobileNetV1, KerasVariant, KerasWeightsError, keras_state_dict,
-                                        keras_variant, read_keras_weights)
-from model_defs.megvii_shufflenet import (MEGVII_PREPROCESSING, MegviiShuffleNetV1, checkpoint_variant,
-                                          megvii_state_dict, paper_variant)
+from model_defs.keras_mobilenet import (
+    KerasMobileNetV1,
+    KerasVariant,
+    KerasWeightsError,
+    keras_state_dict,
+    keras_variant,
+    read_keras_weights,
+)
+from model_defs.megvii_shufflenet import (
+    MEGVII_PREPROCESSING,
+    MegviiShuffleNetV1,
+    checkpoint_variant,
+    megvii_state_dict,
+    paper_variant,
+)
 from model_defs.registry import ModelSpec
 from model_defs.synthetic import synthetic_images
 

@@ -4,6 +4,10 @@ On SIGTERM (or a first Ctrl-C) readiness turns 503 at once; requests keep being 
 DRAIN_SECONDS so a load balancer can take the instance out, then uvicorn closes the listener and
 waits up to GRACEFUL_SHUTDOWN_SECONDS for the requests in flight before the process exits.
 Connections are served by service/connections.py's protocol, which bounds what clients may hold.
+
+The admin listener (ADMIN_PORT) answers probes and scrapes on the same event loop and the same app,
+but with its own connections: it starts with the main listener and stops after it, so health keeps
+answering while the service drains (readiness 503, liveness 200).
 """
 import asyncio
 import logging
@@ -13,18 +17,59 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.lifespan.off import LifespanOff
 
 from service.app import create_app
-from service.connections import bounded_http_protocol, connection_limits
+from service.connections import (ConnectionLimits, admin_limits, bounded_http_protocol,
+                                 connection_limits)
+from service.error_responses import json_response
 from service.settings import Settings
+
+# What the admin listener serves: answers that cost little, whatever the load.
+ADMIN_ROUTES = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready",
+                          "/metrics"})
+
+
+def admin_app(app: FastAPI) -> ASGIApp:
+    """`app` with only ADMIN_ROUTES; any other path is a 404."""
+    async def admin(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in ADMIN_ROUTES:
+            body = {"error": f"the admin port serves only {', '.join(sorted(ADMIN_ROUTES))}",
+                    "code": "not_found"}
+            await json_response(404, body)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+    return admin
+
+
+class AdminServer(uvicorn.Server):
+    """The admin listener, started, ticked and stopped by the main server on its loop: no lifespan
+    and no signal handling of its own."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.lifespan = LifespanOff(config)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if not self.config.loaded:  # as uvicorn's own serve() does first
+            self.config.load()
+        await super().startup(sockets)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float,
+                 admin: AdminServer | None = None) -> None:
         super().__init__(config)
         self.served_app = app
         self.drain_seconds = drain_seconds
         self.close_at: float | None = None
+        self.admin = admin
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.admin is not None and self.started:
+            await self.admin.startup()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.served_app.state.draining = True
@@ -37,6 +82,8 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.close_at is not None and time.monotonic() >= self.close_at:
             self.should_exit = True
+        if self.admin is not None:
+            await self.admin.on_tick(counter)  # its Date header
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -52,6 +99,8 @@ class DrainingServer(uvicorn.Server):
         for conn in waiting:
             await loop.connect_accepted_socket(self._protocol, conn)
         await super().shutdown(sockets)
+        if self.admin is not None and self.admin.started:
+            await self.admin.shutdown()
 
     def _protocol(self) -> asyncio.Protocol:
         """A connection's protocol, made as uvicorn's own listener makes it."""
@@ -71,19 +120,30 @@ def _accept_waiting(listener) -> list[socket.socket]:
                 return accepted
 
 
+def server_config(app: ASGIApp, port: int, limits: ConnectionLimits, settings: Settings,
+                  **options: object) -> uvicorn.Config:
+    # Our own middleware logs one line per request with timings, so uvicorn's access log is off.
+    # The app serves no WebSockets: an upgrade would hand the socket to a protocol without our bounds.
+    return uvicorn.Config(app, host=settings.host, port=port, log_level=settings.log_level,
+                          access_log=False, http=bounded_http_protocol(limits), ws="none",
+                          timeout_keep_alive=limits.idle_timeout, backlog=limits.backlog,
+                          timeout_graceful_shutdown=settings.graceful_shutdown_seconds, **options)
+
+
 def main() -> None:
     settings = Settings()
     limits = connection_limits(settings)
     app = create_app(settings)
-    # Our own middleware logs one line per request with timings, so uvicorn's access log is off.
-    # The app serves no WebSockets: an upgrade would hand the socket to a protocol without our bounds.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, http=bounded_http_protocol(limits), ws="none",
-                            timeout_keep_alive=limits.idle_timeout, backlog=limits.backlog,
-                            timeout_graceful_shutdown=settings.graceful_shutdown_seconds)
+    config = server_config(app, settings.port, limits, settings)
+    admin = None
+    if settings.admin_port:
+        # log_config=None: the main config has set logging up already.
+        admin = AdminServer(server_config(admin_app(app), settings.admin_port, admin_limits(limits),
+                                          settings, lifespan="off", log_config=None))
     logging.getLogger("service.connections").info(
-        "up to %d connections (%d open files allowed)", limits.max_connections, limits.descriptors)
-    DrainingServer(config, app, settings.drain_seconds).run()
+        "up to %d connections (%d open files allowed); admin port %s", limits.max_connections,
+        limits.descriptors, settings.admin_port or "off")
+    DrainingServer(config, app, settings.drain_seconds, admin).run()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from service import preprocess
 from service.admission import Admission
 from service.budget import MemoryBudget, default_budget_bytes
 from service.engine import Engine
-from service.errors import install_error_handlers
+from service.error_responses import ShutdownAnswer, install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestLog, RequestMetrics
@@ -31,7 +31,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
     metrics = Metrics(settings.stats_window)
-    app = FastAPI(title="cnn-serve", version="0.1.0", lifespan=_lifespan,
+    # No trailing-slash redirect: Starlette builds its Location from the Host header, which a
+    # client sets; /predict/x/ is a 404 like any other unknown path. /docs is served from the
+    # service's own copy of Swagger UI (service/page.py); no ReDoc.
+    app = FastAPI(title="cnn-serve", version="0.1.0", lifespan=_lifespan, redirect_slashes=False,
+                  docs_url=None, redoc_url=None,
                   description="Image classification with lightweight CNNs on onnxruntime. "
                               "Models with random weights give meaningless predictions.")
     app.state.settings = settings
@@ -47,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request log sees every answer, the body limit only the app's reads.
+    app.add_middleware(ShutdownAnswer)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, budget=app.state.budget)
     app.add_middleware(RequestMetrics, metrics=metrics,
                        model_names=lambda: app.state.engine.models if hasattr(app.state, "engine") else ())

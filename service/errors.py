@@ -1,41 +1,22 @@
-"""Every error a client can cause, and the one table that turns each into an HTTP response.
+"""Every error a client can cause, as exception types that know nothing of HTTP.
 
-The exception types know nothing of HTTP; they are raised near the cause (preprocess, engine,
-lifecycle, protocol adapters) and `ERRORS` below is the only place that decides each one's status
-code and its stable machine-readable `code`. Every error body is JSON: `error` (for people),
-`code` (for programs) and fields that help fix the request.
+They are raised near the cause (preprocess, engine, lifecycle, protocol adapters, the connection
+layer); `service/error_responses.py` is the one place that turns each into an answer with a status
+and a stable machine-readable `code`. Standard library only, so any module may raise them.
 """
-import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
-from starlette.responses import Response
-from starlette.routing import Match
-
-log = logging.getLogger("service.errors")
-
-HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}  # for errors Starlette raises
 ACCEPTED_FORMATS = ["JPEG", "PNG", "WebP", "GIF (first frame)", "BMP", "TIFF"]
 ACCEPTED_UPLOADS = ["multipart/form-data with the image in field 'file'",
                     "a raw body with Content-Type image/* or application/octet-stream (POST)",
                     "a raw body with PUT (curl -T)"]
 
 
-class ErrorBody(BaseModel):
-    """Every error answer; some carry more fields that help fix the request."""
-
-    error: str = Field(description="What went wrong, for people; may be reworded.")
-    code: str = Field(description="Stable and machine-readable, e.g. unknown_model, too_many_images.")
-
-
 class ServiceError(Exception):
     """A failure with a message for the client and extra JSON fields that help fix it."""
 
-    headers: dict[str, str] = {}  # HTTP headers the answer must carry, e.g. Retry-After
+    headers: Mapping[str, str] = MappingProxyType({})  # HTTP headers the answer must carry, e.g. Retry-After
 
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
@@ -207,99 +188,31 @@ class ImageTooComplex(ServiceError):
         super().__init__(f"image too complex to decode: {reason}")
 
 
+class BadHttpRequest(ServiceError):
+    """A request the HTTP parser cannot read, or one it would read wrongly."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed HTTP request: {reason}")
+
+
+class InvalidMultipart(ServiceError):
+    """A multipart/form-data body that cannot be split into its parts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, accepted_uploads=ACCEPTED_UPLOADS)
+
+
+class ShuttingDown(ServiceError):
+    """A request still at work when the server's graceful shutdown ran out of time."""
+
+    def __init__(self) -> None:
+        super().__init__("the server shut down before this request was done "
+                         "(GRACEFUL_SHUTDOWN_SECONDS); retry it on another instance")
+
+
 class MemoryExhausted(ServiceError):
     def __init__(self, budget: int, retry_after: int) -> None:
         super().__init__(f"the requests in flight hold the server's memory budget of {budget} bytes "
                          f"(MEMORY_BUDGET_BYTES); retry after {retry_after} s",
                          budget_bytes=budget, retry_after_seconds=retry_after)
         self.headers = {"Retry-After": str(retry_after)}
-
-
-# Each error's HTTP status and its stable, machine-readable `code`: clients branch on the code,
-# people read the message, which may be reworded.
-ERRORS: dict[type[ServiceError], tuple[int, str]] = {
-    UnknownModel: (404, "unknown_model"),
-    UnknownModelVersion: (404, "unknown_model_version"),
-    ModelUnavailable: (503, "model_unavailable"),
-    EmptyBody: (400, "empty_body"),
-    UndecodableImage: (400, "undecodable_image"),
-    InvalidInferenceRequest: (400, "invalid_inference_request"),
-    UnsupportedMediaType: (415, "unsupported_media_type"),
-    MissingFileField: (422, "missing_file_field"),
-    TooManyFiles: (422, "too_many_files"),
-    TopKOutOfRange: (422, "top_k_out_of_range"),
-    BodyTooLarge: (413, "body_too_large"),
-    ImageTooLarge: (413, "image_too_large"),
-    TooManyImages: (413, "too_many_images"),
-    TooManyPixels: (413, "too_many_pixels"),
-    JsonTooLarge: (413, "json_too_large"),
-    BodyTimedOut: (408, "body_timeout"),
-    ClientClosedRequest: (499, "client_closed_request"),  # nginx's status for it
-    HeadersTooLarge: (431, "headers_too_large"),
-    HeadersTimedOut: (408, "headers_timeout"),
-    TooManyConnections: (503, "too_many_connections"),
-    Unauthorized: (401, "unauthorized"),
-    Overloaded: (503, "overloaded"),
-    RequestTimedOut: (504, "timeout"),
-    InferenceFailed: (500, "inference_failed"),
-    UnsupportedImageFormat: (415, "unsupported_image_format"),
-    ImageTooComplex: (422, "image_too_complex"),
-    MemoryExhausted: (503, "memory_exhausted"),
-}
-
-
-def json_error(status_code: int, body: dict, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status_code, headers=headers,
-                    media_type="application/json")
-
-
-def error_body(exc: ServiceError) -> tuple[int, dict]:
-    status, code = ERRORS[type(exc)]
-    return status, {"error": exc.message, "code": code, **exc.details}
-
-
-def error_response(exc: ServiceError) -> Response:
-    status, body = error_body(exc)
-    return json_error(status, body, headers=exc.headers or None)
-
-
-async def _service_error(request: Request, exc: ServiceError) -> Response:
-    return error_response(exc)
-
-
-async def _http_error(request: Request, exc: HTTPException) -> Response:
-    body: dict = {"error": exc.detail if isinstance(exc.detail, str) else str(exc.detail)}
-    if exc.status_code == 405:
-        # Starlette names only the first route matching the path; POST and PUT are two routes, and
-        # an included router hides its routes' methods, so ask every route about every method.
-        allowed = [m for m in HTTP_METHODS
-                   if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
-                          for r in request.app.routes)]
-        headers = {"Allow": ", ".join(allowed)}
-        return json_error(405, {"error": f"method {request.method} not allowed on {request.url.path}; "
-                                         f"allowed: {', '.join(allowed)}", "code": "method_not_allowed"},
-                          headers=headers)
-    if exc.status_code == 404 and exc.detail == "Not Found":
-        body = {"error": f"no route {request.url.path}; see /docs"}
-    body["code"] = HTTP_CODES.get(exc.status_code, "http_error")
-    return json_error(exc.status_code, body, headers=exc.headers)
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-    problems = [{"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
-                for e in exc.errors()]
-    message = "; ".join(f"{p['where']}: {p['problem']}" for p in problems)
-    return json_error(422, {"error": f"invalid request: {message}", "code": "invalid_request",
-                            "problems": problems})
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return json_error(500, {"error": f"internal error: {type(exc).__name__}", "code": "internal_error"})
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)

@@ -6,66 +6,45 @@ image; also the longer side rounded, both sides squashed, resizing without antia
 unnormalised 0-255 input. This module knows nothing of ONNX or HTTP; it raises the errors in `errors`.
 
 Choices a caller should know:
-- Transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited on white,
-  as a browser shows such an image, instead of keeping whatever colour hides under alpha = 0.
+- Transparency (RGBA, LA, PA, palette, RGB or 16-bit grey with a transparent colour) is
+  composited on white, as a browser shows such an image, instead of keeping whatever colour hides
+  under alpha = 0. Only the rows the resize and crop read are converted, a band at a time.
 - 16-bit grayscale (I;16) and 32-bit integer (I) images are scaled to 8 bits (value / 257);
   Pillow's own convert() would clip everything above 255 to white.
-- A JPEG is decoded with Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while decoding,
-  never below the resize target on the shorter side, so a 12 MP photo is not decoded at full size.
-  Not for a model resized without antialiasing: its weights saw individual source pixels, and a
-  reduced decode would average them first.
-- Only the first frame of an animated image (GIF, WebP, APNG) or page of a TIFF is used; nothing
-  counts or visits the other frames.
+- A JPEG (or an MPO, a phone's JPEG frames) is decoded with Pillow's draft mode: libjpeg scales by
+  1/2, 1/4 or 1/8 while decoding, never below the resize target on the shorter side. Not for a
+  model resized without antialiasing: its weights saw individual source pixels.
+- Only the first frame of an animated image (GIF, WebP, APNG, MPO) or page of a TIFF is used.
 - A 32-bit float image (mode F, from TIFF) is scaled by its real range: all values within 0..1 are
   multiplied by 255, values within 0..255 are kept, any other range is stretched min-to-max onto
   0..255 (a constant image outside 0..255 is clipped). NaN or infinity makes it undecodable.
 
 Hostile input is refused before decoding, from the bytes and the header alone:
-- Only JPEG, PNG, WebP, GIF, BMP and TIFF are opened (`ACCEPTED_FORMATS` in `errors`): no other
-  Pillow plugin parses the bytes. A file whose signature names another format (ICO, JPEG 2000,
-  AVIF, PPM, ...) is `UnsupportedImageFormat`. ICO stays out: Pillow decodes the biggest icon
-  while opening it, whatever size the icon directory declares. So does a run-length-encoded BMP:
-  Pillow decodes RLE in Python, an RLE4 one pixel by pixel.
+- Only JPEG, PNG, WebP, GIF, BMP and TIFF are opened (`ACCEPTED_FORMATS` in `errors`). A file
+  whose signature names another format is `UnsupportedImageFormat`. ICO stays out (Pillow decodes
+  the biggest icon while opening it), and so does a run-length-encoded BMP (decoded in Python).
 - The pixel limit is checked on the size the header declares: opening these six formats parses
   headers only (GIF: up to the first frame's descriptor, TIFF: the first directory).
-- A JPEG's markers are walked before Pillow opens it, as libjpeg reads them (stuffed 0xFF00 and
-  restart markers inside entropy-coded data, segment payloads skipped by their length). More than
-  `max_scans` scans is `ImageTooComplex`: libjpeg decodes every scan over the whole image, draft
-  mode or not. (libtiff refuses a JPEG-compressed TIFF strip past 100 scans on its own.)
-- Pillow's parsers step through JPEG markers, PNG chunks and GIF blocks, and any stray bytes
-  between them, one at a time in Python: more than `MAX_CONTAINER_ELEMENTS` of them is
-  `ImageTooComplex` too, counted before Pillow opens the file.
+- `image_checks` walks a file's structure (JPEG scans, and scans x pixels; PNG chunks; GIF
+  blocks) and computes its working memory from its header, which `reserve` is told and
+  `max_working_bytes` bounds, before a pixel is decoded.
 """
 import io
 import math
-import re
-import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image
 
 from contract import Preprocessing
-from service.errors import (EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage,
-                            UnsupportedImageFormat)
+from service.errors import EmptyBody, ImageTooComplex, ImageTooLarge, UndecodableImage
+from service.image_checks import (BAND_ROWS, MAX_JPEG_SCANS, WorkingMemory, check_structure,
+                                  open_accepted, working_memory)
 
-# errors.ACCEPTED_FORMATS as Pillow names them, and the only plugins that ever see the bytes.
-PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-MAX_JPEG_SCANS = 100  # libjpeg writes 10 scans for a progressive colour JPEG
-# JPEG markers, PNG chunks, GIF blocks: Pillow's parsers walk these one by one in Python, and so
-# do stray bytes between them. A photo has tens of them; a PNG of 20 MB in 8 KiB IDATs, 2 600.
-MAX_CONTAINER_ELEMENTS = 10_000
-JPEG_SIGNATURE = b"\xff\xd8\xff"  # SOI and the first marker: what Pillow's JPEG plugin accepts
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
-BMP_RLE = {1, 2}  # BI_RLE8, BI_RLE4: Pillow decodes these in Python, pixel by pixel for RLE4
-# A marker libjpeg stops at: 0xFF, then neither 0x00 (a stuffed 0xFF data byte), nor 0xFF (fill),
-# nor RST0-7 (restart markers, which stand inside a scan's entropy-coded data).
-JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-JPEG_LENGTHLESS = {0x01, 0xD8}  # TEM and SOI: no length follows
-JPEG_EOI, JPEG_SOS = 0xD9, 0xDA
+DRAFT_FORMATS = ("JPEG", "MPO")  # an MPO (many phones' photos) is JPEG frames: Pillow opens the first
 
 INTERPOLATION = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                  "bicubic": Image.Resampling.BICUBIC}
@@ -79,30 +58,42 @@ TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # these swap width and height
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image  # 8-bit RGB, upright, possibly reduced by JPEG draft mode
+    image: Image.Image  # upright, in the mode it was decoded in, possibly reduced by JPEG draft mode
     width: int          # size of the upright image as stored in the file, before any reduction
     height: int
     format: str
 
 
+Reserve = Callable[[int], None]  # told an image's working memory before it is decoded; may raise
+
+
 def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
-           max_scans: int = MAX_JPEG_SCANS) -> DecodedImage:
-    """Open an image of an accepted format, upright and as 8-bit RGB, reduced early if a big JPEG."""
+           max_scans: int = MAX_JPEG_SCANS, reserve: Reserve | None = None,
+           max_working_bytes: int | None = None) -> DecodedImage:
+    """Open an image of an accepted format, upright, reduced early if a big JPEG.
+
+    Its working memory (`image_checks.working_memory`) is passed to `reserve`, once, before any
+    pixel is decoded; more than `max_working_bytes` is `ImageTooComplex`.
+    """
     if not data:
         raise EmptyBody()
-    _check_structure(data, max_scans)
+    jpeg_scans = check_structure(data, max_scans)
     try:
-        image = _open(data)
+        image = open_accepted(data)
         width, height = image.size  # as the header declares it: nothing is decoded yet
         if width * height > max_pixels:
             raise ImageTooLarge(max_pixels, width, height)
         image_format = image.format or "unknown"
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        if image_format == "JPEG" and preprocessing.antialias:
+        orientation = _orientation(image, data)
+        if image_format in DRAFT_FORMATS and preprocessing.antialias:
             # Ask for at least resize x resize: libjpeg then keeps the shorter side >= resize.
             image.draft(image.mode, (preprocessing.resize, preprocessing.resize))
+        memory = working_memory(image, (width, height), jpeg_scans, preprocessing,
+                                orientation is None or orientation in UPRIGHT)
+        _admit(memory, reserve, max_working_bytes)
         image.load()
-        image = _to_rgb(image)
+        if orientation is None:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         if orientation in UPRIGHT:
             image = image.transpose(UPRIGHT[orientation])
     except Image.DecompressionBombError as exc:
@@ -115,131 +106,86 @@ def decode(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
     return DecodedImage(image, width, height, image_format)
 
 
-def _check_structure(data: bytes, max_scans: int) -> None:
-    """Refuse, from the bytes alone, a file whose structure would cost far more than its size."""
-    if data.startswith(JPEG_SIGNATURE):
-        _check_jpeg_markers(data, max_scans)
-    elif data.startswith(PNG_SIGNATURE):
-        _check_png_chunks(data)
-    elif data.startswith(GIF_SIGNATURES):
-        _check_gif_blocks(data)
+def _orientation(image: Image.Image, data: bytes) -> int | None:
+    """The EXIF orientation, or None where only decoding tells it: Pillow's PNG plugin decodes the
+    pixels to look for an eXIf chunk after them."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None if b"eXIf" in data else 1
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
 
 
-def _check_jpeg_markers(data: bytes, max_scans: int) -> None:
-    """Refuse a JPEG with more than `max_scans` scans, or too many markers, before its EOI.
-
-    Markers are found as libjpeg finds them, and a segment's payload is skipped by its declared
-    length, so an EXIF thumbnail's scans are not counted. Stray bytes before the first scan count
-    as markers: Pillow's header parser steps through them one at a time.
-    """
-    scans = markers = 0
-    position = 2  # after SOI
-    while marker := JPEG_MARKER.search(data, position):
-        markers += 1 + (marker.start() - position if scans == 0 else 0)
-        if markers > MAX_CONTAINER_ELEMENTS:
-            raise ImageTooComplex(f"a JPEG with more than {MAX_CONTAINER_ELEMENTS} markers and "
-                                  "stray bytes")
-        code, position = data[marker.start() + 1], marker.end()
-        if code == JPEG_EOI:
-            return
-        if code in JPEG_LENGTHLESS:
-            continue
-        if code == JPEG_SOS:
-            scans += 1
-            if scans > max_scans:
-                raise ImageTooComplex(f"a JPEG with more than {max_scans} scans; the limit is "
-                                      f"{max_scans} (MAX_JPEG_SCANS)")
-        position += max(int.from_bytes(data[position:position + 2], "big"), 2)  # as libjpeg skips
+def _admit(memory: WorkingMemory, reserve: Reserve | None, max_working_bytes: int | None) -> None:
+    if max_working_bytes is not None and memory.bytes > max_working_bytes:
+        raise ImageTooComplex(f"{memory.cause} needs ~{memory.bytes / 2**20:.0f} MiB to decode and "
+                              f"preprocess; the limit is {max_working_bytes / 2**20:.0f} MiB")
+    if reserve is not None:
+        reserve(memory.bytes)
 
 
-def _check_png_chunks(data: bytes) -> None:
-    """Refuse a PNG with too many chunks before its IEND, or the next frame where it is animated."""
-    position, pixels_seen = len(PNG_SIGNATURE), False
-    for _ in range(MAX_CONTAINER_ELEMENTS):
-        kind = data[position + 4:position + 8]
-        if len(kind) < 4 or kind == b"IEND" or (kind == b"fcTL" and pixels_seen):
-            return  # where Pillow stops reading
-        pixels_seen = pixels_seen or kind in (b"IDAT", b"fdAT")
-        position += 12 + int.from_bytes(data[position:position + 4], "big")  # length, type, data, CRC
-    raise ImageTooComplex(f"a PNG with more than {MAX_CONTAINER_ELEMENTS} chunks")
+@dataclass(frozen=True)
+class Levels:
+    """How a 16-bit, 32-bit integer or float image's values become 8-bit levels, decided once for
+    the whole image (by the rule in the module docstring) and applied band by band."""
+    scale: float
+    offset: float
+    transparent: int | None  # the value a PNG's tRNS chunk makes transparent, composited as white
+
+    def to_rgb(self, band: Image.Image) -> Image.Image:
+        values = np.asarray(band).astype(np.float32)
+        levels = values * np.float32(self.scale) - np.float32(self.offset) if self.scale != 1 else values
+        if self.transparent is not None:
+            levels[values == self.transparent] = 255
+        return _levels_to_rgb(levels)
 
 
-def _check_gif_blocks(data: bytes) -> None:
-    """Refuse a GIF with too many extension sub-blocks and stray bytes before its first image."""
-    flags = data[10] if len(data) > 10 else 0
-    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # header, global colour table
-    in_extension = False
-    for _ in range(MAX_CONTAINER_ELEMENTS):
-        if in_extension:  # a sub-block: its size, then its bytes; size 0 ends the extension
-            size = data[position] if position < len(data) else 0
-            position, in_extension = position + 1 + size, size > 0
-            continue
-        introducer = data[position:position + 1]
-        if introducer in (b"", b";", b","):  # end, trailer or the first image: Pillow stops here
-            return
-        in_extension = introducer == b"!"
-        position += 2 if in_extension else 1  # an extension's introducer and label, or a stray byte
-    raise ImageTooComplex(f"a GIF with more than {MAX_CONTAINER_ELEMENTS} blocks and stray bytes "
-                          "before its first image")
-
-
-def _open(data: bytes) -> Image.Image:
-    """Pillow's lazy open by the accepted formats' plugins only; another format named if it can be."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
-    except UnidentifiedImageError as exc:
-        signature = _format_by_signature(data)
-        if signature is None or signature in PILLOW_FORMATS:  # unknown, or corrupt past its signature
-            raise UndecodableImage("not an image format Pillow recognises") from exc
-        raise UnsupportedImageFormat(signature) from exc
-    if image.format == "BMP" and image.info.get("compression") in BMP_RLE:
-        raise UnsupportedImageFormat("BMP with RLE compression")
-    return image
-
-
-def _format_by_signature(data: bytes) -> str | None:
-    """The first format whose signature test (its Pillow plugin's `accept`) passes; nothing is parsed."""
-    Image.init()
-    prefix = data[:16]  # what Image.open shows each plugin's test
-    for name in (*PILLOW_FORMATS, *Image.ID):
-        accept = Image.OPEN[name][1]
-        try:
-            if accept is not None and accept(prefix):
-                return name
-        except (IndexError, TypeError, SyntaxError, struct.error):  # as Image.open tolerates them
-            continue
+def _levels(image: Image.Image) -> Levels | None:
+    """The levels rule of a 16-bit, 32-bit integer or float image; None for 8-bit modes."""
+    mode, transparent = image.mode, image.info.get("transparency")
+    transparent = transparent if isinstance(transparent, int) else None
+    if mode.startswith("I;16"):
+        return Levels(1 / 257.0, 0, transparent)
+    if mode == "I":
+        return Levels(1 / 257.0 if image.getextrema()[1] > 255 else 1, 0, transparent)
+    if mode == "F":
+        return _float_levels(image)
     return None
+
+
+def _float_levels(image: Image.Image) -> Levels:
+    """A float image's levels rule, from its range, read band by band."""
+    low, high = math.inf, -math.inf
+    for top in range(0, image.height, BAND_ROWS):
+        values = np.asarray(image.crop((0, top, image.width, min(top + BAND_ROWS, image.height))))
+        if not np.isfinite(values).all():
+            raise UndecodableImage("the float image has NaN or infinite values")
+        low, high = min(low, float(values.min(initial=math.inf))), max(high, float(values.max(initial=-math.inf)))
+    if low >= 0 and high <= 1:
+        return Levels(255, 0, None)
+    if (low >= 0 and high <= 255) or low == high:
+        return Levels(1, 0, None)
+    scale = 255 / (high - low)  # in float64: high - low may overflow float32
+    return Levels(scale, low * scale, None)
+
+
+def rgb_bands(image: Image.Image, box: tuple[int, int, int, int]) -> Iterator[Image.Image]:
+    """The `box` of the image as 8-bit RGB, `BAND_ROWS` rows at a time: a whole-image conversion
+    (alpha compositing makes four copies) would cost many times the rows the crop reads."""
+    levels = _levels(image)
+    left, top, right, bottom = box
+    for band_top in range(top, bottom, BAND_ROWS):
+        band = image.crop((left, band_top, right, min(band_top + BAND_ROWS, bottom)))
+        yield levels.to_rgb(band) if levels else _to_rgb(band)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
-        return image  # convert() would copy it, which costs real time on a big photo
+        return image  # convert() would copy it
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(image).astype(np.float32)
-        if mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0
-        return _levels_to_rgb(values)
-    if mode == "F":
-        return _levels_to_rgb(_float_levels(np.asarray(image)))
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def _float_levels(values: np.ndarray) -> np.ndarray:
-    """A float image's values as 0..255 levels, by the rule in the module docstring."""
-    if not np.isfinite(values).all():
-        raise UndecodableImage("the float image has NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
-    if low >= 0 and high <= 1:
-        return values * np.float32(255)
-    if (low >= 0 and high <= 255) or low == high:
-        return values
-    scale = 255 / (high - low)  # in float64: high - low may overflow float32
-    return values * np.float32(scale) - np.float32(low * scale)
 
 
 def _levels_to_rgb(values: np.ndarray) -> Image.Image:
@@ -286,11 +232,14 @@ def _filtered_crop(image: Image.Image, p: Preprocessing, sx: float, sy: float, l
     reach = math.ceil(FILTER_SUPPORT[p.interpolation] * max(sy, 1.0)) + 1  # source rows per output row
     first = max(0, int(top * sy) - reach)
     last = min(image.height, math.ceil((top + p.crop) * sy) + reach)
-    rows = image.crop((0, first, image.width, last))
     resample = INTERPOLATION[p.interpolation]
-    rows = rows.resize((p.crop, rows.height), resample, box=(left * sx, 0, (left + p.crop) * sx, rows.height))
-    return rows.resize((p.crop, p.crop), resample,
-                       box=(0, top * sy - first, p.crop, (top + p.crop) * sy - first))
+    # The horizontal pass treats each row alone: made band by band, it is the same pass.
+    narrow = Image.new("RGB", (p.crop, last - first))
+    for offset, band in zip(range(0, last - first, BAND_ROWS), rgb_bands(image, (0, first, image.width, last))):
+        narrow.paste(band.resize((p.crop, band.height), resample,
+                                 box=(left * sx, 0, (left + p.crop) * sx, band.height)), (0, offset))
+    return narrow.resize((p.crop, p.crop), resample,
+                         box=(0, top * sy - first, p.crop, (top + p.crop) * sy - first))
 
 
 def _unfiltered_crop(image: Image.Image, crop: int, sx: float, sy: float, left: int,
@@ -304,11 +253,21 @@ def _unfiltered_crop(image: Image.Image, crop: int, sx: float, sy: float, left: 
     y_low, y_high, y_weight = _bilinear_taps(top, crop, sy, image.height)
     x_low, x_high, x_weight = _bilinear_taps(left, crop, sx, image.width)
     box = (int(x_low[0]), int(y_low[0]), int(x_high[-1]) + 1, int(y_high[-1]) + 1)
-    window = np.asarray(image.crop(box), dtype=np.float32)  # only the source pixels sampled
-    y_low, y_high, x_low, x_high = y_low - box[1], y_high - box[1], x_low - box[0], x_high - box[0]
+    sampled = np.unique(np.concatenate([y_low, y_high]))  # only the source rows sampled
+    window = np.concatenate([_rows_of(band, sampled, band_top)
+                             for band_top, band in zip(range(box[1], box[3], BAND_ROWS), rgb_bands(image, box))])
+    window = window.astype(np.float32)
+    y_low, y_high = np.searchsorted(sampled, y_low), np.searchsorted(sampled, y_high)
+    x_low, x_high = x_low - box[0], x_high - box[0]
     rows = window[y_low] + (window[y_high] - window[y_low]) * y_weight[:, None, None]
     pixels = rows[:, x_low] + (rows[:, x_high] - rows[:, x_low]) * x_weight[None, :, None]
     return np.rint(pixels).astype(np.uint8)
+
+
+def _rows_of(band: Image.Image, rows: np.ndarray, band_top: int) -> np.ndarray:
+    """The band's pixels on the given image rows (those within it), as (rows, width, 3) uint8."""
+    inside = rows[(rows >= band_top) & (rows < band_top + band.height)] - band_top
+    return np.asarray(band)[inside]
 
 
 def _bilinear_taps(start: int, count: int, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,10 +306,12 @@ class PreparedImage:
 
 
 def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
-            max_scans: int = MAX_JPEG_SCANS) -> PreparedImage:
+            max_scans: int = MAX_JPEG_SCANS, reserve: Reserve | None = None,
+            max_working_bytes: int | None = None) -> PreparedImage:
     """decode + to_tensor, timing the two stages apart, for the service's worker threads."""
     started = time.perf_counter()
-    decoded = decode(data, preprocessing, max_pixels, max_scans=max_scans)
+    decoded = decode(data, preprocessing, max_pixels, max_scans=max_scans, reserve=reserve,
+                     max_working_bytes=max_working_bytes)
     decoded_at = time.perf_counter()
     tensor = to_tensor(decoded.image, preprocessing)
     return PreparedImage(tensor, decoded.width, decoded.height, decoded.format,
@@ -358,6 +319,9 @@ def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
 
 
 def preprocess(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
-               max_scans: int = MAX_JPEG_SCANS) -> np.ndarray:
+               max_scans: int = MAX_JPEG_SCANS, reserve: Reserve | None = None,
+               max_working_bytes: int | None = None) -> np.ndarray:
     """decode + to_tensor, for callers that do not time the two stages apart."""
-    return to_tensor(decode(data, preprocessing, max_pixels, max_scans=max_scans).image, preprocessing)
+    decoded = decode(data, preprocessing, max_pixels, max_scans=max_scans, reserve=reserve,
+                     max_working_bytes=max_working_bytes)
+    return to_tensor(decoded.image, preprocessing)

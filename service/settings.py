@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     intra_op_threads: PositiveInt = Field(
         default_factory=available_cores,
         description="onnxruntime threads for an inference that starts while no other runs; one "
-                    "started beside others runs on one thread. 1 keeps one session per model "
-                    "(about 80 MB less for the seven) at the cost of a slower lone request.")
+                    "started beside others runs on one thread. 1 keeps one session per model (less "
+                    "memory, measured in docs/benchmarks.md) at the cost of a slower lone request.")
     inter_op_threads: PositiveInt = Field(1, description="onnxruntime threads across graph branches.")
     inference_workers: PositiveInt | None = Field(
         None, description="Inferences run at once, across models; default: the core count.")
@@ -44,11 +44,12 @@ class Settings(BaseSettings):
                                "request that finds the model idle never waits.")
     intra_op_spinning: bool = Field(
         True, description="Let onnxruntime's threads spin for work while an inference runs (they "
-                          "stop when it returns); off, they sleep between layers and a 2-thread "
-                          "inference took 25-40 % longer.")
+                          "stop when it returns); off, they sleep between layers and an inference "
+                          "takes longer (measured in docs/benchmarks.md).")
     cpu_memory_arena: bool = Field(
         False, description="Give each model onnxruntime's own memory arena; it keeps every model's "
-                           "largest batch allocated, so seven models need about 100 MB more.")
+                           "largest batch allocated, so it needs more memory (measured in "
+                           "docs/benchmarks.md).")
     preprocess_workers: PositiveInt = Field(default_factory=available_cores,
                                             description="Threads decoding and preprocessing images.")
     warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")
@@ -111,8 +112,18 @@ class Settings(BaseSettings):
         10.0, description="A request's line and headers must arrive within this long of its first "
                           "byte; past it, 408 and the connection is closed.")
     max_header_bytes: PositiveInt = Field(
-        64 * 1024, description="Largest request line plus headers; past it, 431 and the connection is "
-                               "closed.")
+        64 * 1024, description="Largest request line plus headers, and apart from them, largest "
+                               "trailers plus chunk framing of a body; past it, 431 and the connection "
+                               "is closed.")
+    write_timeout_seconds: PositiveFloat = Field(
+        10.0, description="An answer the client does not read is dropped, with its connection, once "
+                          "the server's write buffer for it has stayed full this long.")
+    admin_port: int = Field(
+        8002, ge=0, le=65535, description="Port of the admin listener, on HOST: only /health/live, "
+                                          "/health/ready (and their /v2 twins) and /metrics, with its "
+                                          "own connection cap, so probes and scrapes are answered "
+                                          "when clients hold every connection of PORT. 0: no admin "
+                                          "listener.")
     api_key: SecretStr | None = Field(
         None, description="When set, predictions need `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
     cors_origins: str = Field(
@@ -123,6 +134,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key would turn the check on while an empty X-API-Key header passes it.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("API_KEY is set but empty: set it to the key, or unset it to serve "
+                             "without one")
+        return value
 
     @property
     def cores(self) -> int:

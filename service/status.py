@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from contract import ModelMetadata, ModelStatus
 from service.engine import Engine, ModelState
-from service.errors import ErrorBody, json_error
+from service.error_responses import ErrorBody, json_response
 from service.protocols.predict import weights_info
 
 
@@ -123,7 +123,7 @@ async def ready(request: Request) -> Response:
                      models={name: m.status for name, m in engine.models.items()},
                      failed={name: m.error or "" for name, m in engine.models.items()
                              if m.status == "failed"})
-    return json_error(200 if body.ready else 503, body.model_dump())
+    return json_response(200 if body.ready else 503, body.model_dump())
 
 
 def model_info(state: ModelState, engine: Engine) -> ModelInfo:

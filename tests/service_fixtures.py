@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 # The one implementation of these, shared with the bench; the tests import them from here.
-from bench.servers import ServerProcess as Server, free_port, rss_bytes, running_service
+from bench.servers import ServerProcess as Server, cpu_seconds, free_port, rss_bytes, running_service
 
 # The contract's ImageNet preprocessing, written out here independently of the service.
 IMAGENET = {"resize": 256, "interpolation": "bilinear", "crop": 224, "color": "RGB", "scale": 255.0,

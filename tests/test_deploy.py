@@ -93,7 +93,8 @@ def test_the_service_listens_on_8000_checks_readiness_and_restarts(compose):
 
     assert service["build"]["context"] == "."
     assert [with_defaults(p) for p in service["ports"]] == ["127.0.0.1:8000:8000"]
-    assert "/health/ready" in " ".join(service["healthcheck"]["test"])
+    # On the admin listener, which clients holding every connection of 8000 cannot starve.
+    assert "127.0.0.1:8002/health/ready" in " ".join(service["healthcheck"]["test"])
     assert service["restart"] == "unless-stopped"
     assert "profiles" not in service  # plain `docker compose up` starts it
 
@@ -106,7 +107,7 @@ def test_prometheus_scrapes_the_services_metrics_endpoint_with_the_alerts(compos
     [job] = config["scrape_configs"]
     assert job["job_name"] == "cnn-serve"  # the job CnnServeDown watches
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["cnn-serve:8000"]
+    assert job["static_configs"][0]["targets"] == ["cnn-serve:8002"]  # the admin listener
     assert "cnn-serve" in compose["services"]
     [rules] = config["rule_files"]
     assert mounted(prometheus, f"/etc/prometheus/{rules}").read_text() == ALERTS.read_text()
@@ -362,6 +363,7 @@ def scraped(url: str) -> list[tuple[str, dict[str, str], float]]:
 def test_every_service_setting_can_be_passed_through_compose(compose):
     from service.settings import Settings
 
-    fixed_by_the_image = {"MODEL_REPOSITORY", "HOST", "PORT"}
+    # The healthcheck and the Prometheus target name ADMIN_PORT's default.
+    fixed_by_the_image = {"MODEL_REPOSITORY", "HOST", "PORT", "ADMIN_PORT"}
     settings = {name.upper() for name in Settings.model_fields} - fixed_by_the_image
     assert set(compose["services"]["cnn-serve"]["environment"]) == settings

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service_fixtures import encode, ready_server, rss_bytes
+from tests.service_fixtures import cpu_seconds, encode, ready_server, rss_bytes
 from tests.image_bombs import icon_holding, png, with_last_scan_repeated
 
 MODEL = "mobilenetv3_small"
@@ -191,3 +191,22 @@ def test_uploads_that_stall_after_one_byte_do_not_lock_the_model_out(server, cli
     finally:
         for connection in stalled:
             connection.close()
+
+
+def test_a_19_mb_part_of_near_boundaries_costs_the_server_little_cpu(server, client, photos):
+    """Each near-boundary is the whole delimiter of a one-byte boundary and then a byte that is not
+    CRLF: a parser that handles every delimiter it meets in Python, and hands on the data between
+    them piece by piece, spent seconds of event-loop CPU on one body. Here the first one is a
+    malformed delimiter line, refused at once."""
+    near = b"\r\n--xX"
+    body = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+            + near * (19_000_000 // len(near)) + b"\r\n--x--\r\n")
+    cpu_before = cpu_seconds(server.process.pid)
+    response = client.post(f"/predict/{MODEL}", content=body,
+                           headers={"Content-Type": "multipart/form-data; boundary=x"})
+    cpu = cpu_seconds(server.process.pid) - cpu_before
+    print(f"\n{len(body) / 1e6:.0f} MB part of near-boundaries: {response.status_code} after "
+          f"{response.elapsed.total_seconds() * 1000:.0f} ms, server CPU {cpu:.2f} s")
+    assert response.status_code == 400 and response.json()["code"] == "invalid_multipart"
+    assert cpu < 1.0
+    served_normally(client, photos)

@@ -175,10 +175,13 @@ def test_the_inference_service_runs_on_the_runtime_with_the_open_inference_proto
     [container] = runtime["spec"]["containers"]
     port = int(env_of(container)["PORT"]["value"])
     assert container["name"] == "kserve-container" and container["ports"][0]["containerPort"] == port
-    assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(port)
+    # Probes and scrapes on the admin listener, which busy clients cannot starve.
+    admin = Settings.model_fields["admin_port"].default
+    assert container["ports"][1]["containerPort"] == admin
+    assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(admin)
     routes = service_paths()
     for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] in routes and container[probe]["httpGet"]["port"] == port
+        assert container[probe]["httpGet"]["path"] in routes and container[probe]["httpGet"]["port"] == admin
 
 
 # What the base pins ------------------------------------------------------------------------------
@@ -236,7 +239,8 @@ def test_the_read_only_pod_writes_uploads_to_a_tmp_volume(pod, builds):
 
 def test_probes_ask_the_services_health_endpoints(container):
     routes = service_paths()
-    [port] = container["ports"]
+    [_, port] = container["ports"]
+    assert port["containerPort"] == Settings.model_fields["admin_port"].default
     expected = {"startupProbe": "/health/live", "readinessProbe": "/health/ready",
                 "livenessProbe": "/health/live"}
     for probe, path in expected.items():
@@ -290,8 +294,7 @@ def test_service_autoscaler_budget_and_policy_all_select_the_pods(base, pod, con
 
     service = one(base, "Service")
     assert service["spec"]["selector"].items() <= labels.items()
-    [port] = service["spec"]["ports"]
-    assert port["targetPort"] == container["ports"][0]["name"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [p["name"] for p in container["ports"]]
 
     autoscaler = one(base, "HorizontalPodAutoscaler")["spec"]
     assert autoscaler["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -307,7 +310,7 @@ def test_service_autoscaler_budget_and_policy_all_select_the_pods(base, pod, con
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
     assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
     [rule] = policy["ingress"]
-    assert rule["ports"] == [{"port": container["ports"][0]["containerPort"], "protocol": "TCP"}]
+    assert rule["ports"] == [{"port": p["containerPort"], "protocol": "TCP"} for p in container["ports"]]
 
 
 def test_the_in_flight_autoscaler_asks_for_the_metric_the_adapter_serves(builds):
@@ -327,7 +330,7 @@ def test_the_service_monitor_scrapes_the_services_port_and_the_alerts_match_comp
     endpoint = one(monitoring, "ServiceMonitor")["spec"]["endpoints"][0]
     selector = one(monitoring, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
-    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["port"] == "admin" and endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
     # The job label is the Service's name, which CnnServeDown selects.
     assert f'job="{service["metadata"]["name"]}"' in ALERTS.read_text()

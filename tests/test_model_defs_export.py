@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model_defs.onnx_export import ExportError, check_parity, export_onnx
+from model_defs.to_onnx import ExportError, check_parity, export_onnx
 from model_defs.registry import MODELS
 from model_defs.weights import build_with_weights
 from tests.test_model_defs_weights import preprocess

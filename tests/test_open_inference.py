@@ -20,7 +20,8 @@ from tritonclient.utils import InferenceServerException
 
 from contract import Preprocessing
 from service.preprocess import preprocess
-from tests.service_fixtures import copy_repository, reference_tensor, running_server
+from tests.service_fixtures import (copy_repository, cpu_seconds, reference_tensor, rss_bytes,
+                                    running_server)
 
 IMAGENET_MODEL = "mobilenetv2"
 CIFAR_MODEL = "effnet"
@@ -350,3 +351,37 @@ def test_print_latency_of_an_image_through_the_protocol_and_through_predict(clie
     print(f"\n{IMAGENET_MODEL}, chelsea.jpg, median of 30 sequential requests: "
           f"OIP infer (BYTES image, top-5) {oip:.1f} ms, /predict {predict:.1f} ms, "
           f"OIP infer (binary FP32 tensor) {tensor:.1f} ms")
+
+
+def test_an_output_named_5000_times_is_a_400_naming_it_and_costs_no_memory(server, client,
+                                                                            model_repository, photos):
+    batch = photo_batch(model_repository, IMAGENET_MODEL, photos, ["chelsea"])
+    copies = [triton.InferRequestedOutput("logits")] * 5000  # each would be one more 1000-float answer
+    before = rss_bytes(server.pid)
+    started = time.perf_counter()
+    with pytest.raises(InferenceServerException) as error:
+        client.infer(IMAGENET_MODEL, [tensor_input(batch, True)], outputs=copies)
+    elapsed, growth = time.perf_counter() - started, rss_bytes(server.pid) - before
+    print(f"\n5,000 copies of one output: {error.value.status()} after {elapsed * 1000:.0f} ms, "
+          f"RSS +{growth / 2**20:.1f} MiB")
+    assert error.value.status() == "400"
+    assert "'logits' is named more than once" in error.value.message()
+    assert growth < 30 * 2**20 and elapsed < 2
+
+
+def test_a_19_mb_body_of_empty_bytes_elements_costs_no_more_than_its_header(server, http, photos):
+    """Millions of 4-byte zero lengths: refused from the shape (or at the first surplus element)
+    before they are walked, so the one body parser stays free for every model's requests."""
+    data = b"\0\0\0\0" * (19_000_000 // 4)
+    answers = []
+    cpu_before = cpu_seconds(server.pid)
+    for shape in ([len(data) // 4], [1]):
+        header = json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": "BYTES",
+                                         "parameters": {"binary_data_size": len(data)}}]}).encode()
+        answers.append(http.post(f"/v2/models/{CIFAR_MODEL}/infer", content=header + data,
+                                 headers={"Inference-Header-Content-Length": str(len(header))}))
+    cpu = cpu_seconds(server.pid) - cpu_before
+    print(f"\ntwo 19 MB bodies of empty BYTES elements: {[a.status_code for a in answers]}, "
+          f"server CPU {cpu:.2f} s")
+    assert [a.json()["code"] for a in answers] == ["too_many_images", "invalid_inference_request"]
+    assert cpu < 1.0  # receiving 38 MB; walking the elements took several seconds

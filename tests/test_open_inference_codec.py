@@ -1,14 +1,21 @@
 """The Open Inference Protocol's codec on its own: a request's bytes to arrays and back, and a clear
 `invalid_inference_request` for every way a body can be wrong."""
+import asyncio
 import base64
 import struct
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from contract import ModelMetadata
-from service.errors import InvalidInferenceRequest, JsonTooLarge
-from service.protocols.open_inference.codec import WantedOutput, decode_request, encode_output
+from service.errors import InvalidInferenceRequest, JsonTooLarge, TooManyImages
+from service.lifecycle import Result
+from service.protocols.open_inference.codec import (DecodedRequest, WantedOutput, decode_request,
+                                                     encode_output)
+from service.protocols.open_inference.routes import OpenInferenceAdapter
+from service.protocols.open_inference.wire import InferenceRequest
 
 META = ModelMetadata.model_validate({
     "schema_version": 1, "name": "tiny", "architecture": "test", "model_file": "model.onnx",
@@ -64,6 +71,11 @@ def test_bytes_elements_come_in_length_prefixed_or_base64():
      b'"parameters": {"binary_data_size": 6}}]}\x09\x00\x00\x00ab', "105", "says 9 bytes"),
     (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["QQ=="]}], '
      b'"outputs": [{"name": "logits", "parameters": {"classification": 4}}]}', None, "from 1 to 3"),
+    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["QQ=="]}], '
+     b'"outputs": [{"name": "logits"}, {"name": "logits"}]}', None, "'logits' is named more than once"),
+    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", '
+     b'"parameters": {"binary_data_size": 10}}]}\x01\x00\x00\x00a\x01\x00\x00\x00b', "106",
+     "holds more elements"),
     (b'{"inputs": []}', "0", "raw binary requests"),
     (b'{"inputs": []}', "x", "not a number"),
 ])
@@ -114,3 +126,68 @@ def test_a_json_body_of_more_values_than_allowed_is_refused_before_it_is_parsed(
     assert decode_request(body, None, META, max_json_values=20).tensor.size == 12
     with pytest.raises(JsonTooLarge):
         decode_request(body, None, META, max_json_values=10)
+
+
+def test_a_body_of_millions_of_empty_bytes_elements_costs_no_more_than_one_image_of_its_size():
+    """Parse work is bounded by the shape and the image limit, not by how many elements a body packs."""
+    def cpu_to_decode(shape: list[int], data: bytes) -> float:
+        header = b'{"inputs": [{"name": "image", "shape": %s, "datatype": "BYTES", ' \
+                 b'"parameters": {"binary_data_size": %d}}]}' % (str(shape).encode(), len(data))
+        started = time.process_time()
+        try:
+            decode_request(*binary_request(header, data), META, max_images=16)
+        except (InvalidInferenceRequest, TooManyImages):
+            pass
+        return time.process_time() - started
+
+    empties = b"\0\0\0\0" * 2_500_000
+    one_image = struct.pack("<I", len(empties) - 4) + b"\xff" * (len(empties) - 4)
+    legitimate = cpu_to_decode([1], one_image)
+    for shape in ([2_500_000], [16], [1]):
+        with pytest.raises((InvalidInferenceRequest, TooManyImages)):
+            decode_request(*binary_request(b'{"inputs": [{"name": "image", "shape": %s, "datatype": '
+                                           b'"BYTES", "parameters": {"binary_data_size": %d}}]}'
+                                           % (str(shape).encode(), len(empties)), empties), META,
+                           max_images=16)
+        assert cpu_to_decode(shape, empties) < 5 * legitimate + 0.02, shape
+
+
+async def loop_stall_while_sent(make_response) -> tuple[bytes, float]:
+    """The answer's bytes, and the longest the event loop was held while it was built and sent."""
+    body, gaps, done = bytearray(), [], False
+
+    async def send(message: dict) -> None:
+        body.extend(message.get("body", b""))
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0)
+            gaps.append(time.perf_counter() - last)
+            last = time.perf_counter()
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0)
+    await make_response()({"type": "http"}, None, send)
+    done = True
+    await ticker
+    return bytes(body), max(gaps)
+
+
+def test_a_large_answer_is_encoded_off_the_event_loop_and_reads_the_same():
+    labels = tuple(f"class {i}" for i in range(1000))
+    meta = META.model_copy(update={
+        "output": META.output.model_copy(update={"shape": [None, 1000]}),
+        "labels": META.labels.model_copy(update={"count": 1000})})
+    model = SimpleNamespace(name="tiny", metadata=meta, labels=labels)
+    wanted = [WantedOutput("logits", False, 1000)]  # 64 rows of 1000 strings: tens of ms to encode
+    decoded = DecodedRequest(InferenceRequest(inputs=[]), wanted, None, None)
+    scores = np.random.default_rng(0).standard_normal((64, 1000)).astype(np.float32)
+    result = Result(model, scores, [], {}, decoded)
+    adapter = OpenInferenceAdapter(max_json_values=1_000_000, max_images=64)
+    inline, inline_stall = asyncio.run(loop_stall_while_sent(lambda: adapter.encoded(result)))
+    threaded, threaded_stall = asyncio.run(loop_stall_while_sent(lambda: adapter.encode(result)))
+    print(f"\nevent loop held {inline_stall * 1000:.1f} ms encoding on it, "
+          f"{threaded_stall * 1000:.1f} ms encoding in a thread")
+    assert threaded == inline
+    assert threaded_stall < inline_stall / 3

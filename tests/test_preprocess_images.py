@@ -8,6 +8,7 @@ from PIL import Image
 from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
 from contract import Preprocessing
 from service.preprocess import decode, preprocess, to_tensor
+from tests.image_bombs import sixteen_bit_grey_png
 from tests.service_fixtures import (IMAGENET, ONE_GRAY_LEVEL, assert_matches_reference, encode,
                                     reference_tensor)
 
@@ -243,3 +244,44 @@ def test_squash_resizes_both_sides_then_crops_the_centre(chelsea):
     difference = np.abs(preprocess(encode(chelsea, "PNG"), squash, NO_LIMIT) - expected)
     assert difference.max() <= 1.01 / 127.5 and (difference > 1e-5).mean() < 0.01
     assert expected.min() >= -1 and expected.max() <= 1
+
+
+def grey_with_a_transparent_block(chelsea) -> np.ndarray:
+    """Chelsea's grey levels 1..255, with a block at level 0 that a tRNS chunk will make transparent."""
+    levels = np.maximum(np.asarray(chelsea.convert("L")), 1)
+    levels[100:200, 150:300] = 0
+    return levels
+
+
+def test_a_16_bit_grey_png_with_a_transparent_level_gives_its_8_bit_twins_tensor(chelsea):
+    levels = grey_with_a_transparent_block(chelsea)
+    sixteen = sixteen_bit_grey_png(levels.astype(np.uint16) * 257, transparent=0)
+    assert Image.open(io.BytesIO(sixteen)).mode == "I;16"
+    twin = served(encode(Image.fromarray(levels), "PNG", transparency=0))
+    difference = np.abs(served(sixteen) - twin)
+    assert difference.max() <= ONE_GRAY_LEVEL * 1.01
+    expected = levels.copy()
+    expected[levels == 0] = 255  # the transparent block composited on white, the rest as shown
+    assert_matches_reference(served(sixteen), Image.fromarray(expected).convert("RGB"))
+
+
+def test_an_mpo_photo_is_decoded_from_its_first_frame_reduced_like_its_jpeg_twin(chelsea):
+    photo = chelsea.resize((4000, 3000), Image.Resampling.BICUBIC)
+    mpo = encode(photo, "MPO", quality=90, save_all=True, append_images=[photo.rotate(180)])
+    decoded = decode(mpo, PREPROCESSING, NO_LIMIT)
+    assert decoded.format == "MPO" and (decoded.width, decoded.height) == (4000, 3000)
+    assert max(decoded.image.size) < 4000 / 4  # libjpeg scaled it while decoding
+    np.testing.assert_array_equal(served(mpo), served(encode(photo, "JPEG", quality=90)))
+
+
+def test_a_png_whose_exif_chunk_follows_its_pixels_is_still_turned_upright(chelsea):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(chelsea.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif)
+    start = data.index(b"eXIf") - 4
+    end = start + 12 + int.from_bytes(data[start:start + 4], "big")
+    late = data[:start] + data[end:-12] + data[start:end] + data[-12:]  # moved before IEND
+    assert late.index(b"eXIf") > late.index(b"IDAT")
+    decoded = decode(late, PREPROCESSING, NO_LIMIT)
+    assert (decoded.width, decoded.height) == chelsea.size
+    assert_matches_reference(to_tensor(decoded.image, PREPROCESSING), chelsea)

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.service_fixtures import ready_server
+from tests.service_fixtures import ready_server, running_server
 
 MODEL = "effnet"
 KEY = "correct-horse-battery-staple"
@@ -91,3 +91,12 @@ def test_only_the_configured_origins_get_cors_headers(client):
     assert "X-Request-ID" in allowed.headers["access-control-expose-headers"]
     stranger = client.get("/health/live", headers={"Origin": "https://evil.example.com"})
     assert "access-control-allow-origin" not in stranger.headers
+
+
+def test_an_empty_api_key_is_refused_at_start_saying_so(model_repository, tmp_path):
+    """API_KEY="" (a secret that did not render) would turn the check on with a key that an empty
+    X-API-Key header matches: the service refuses to start instead."""
+    with running_server(model_repository, tmp_path / "service.log", API_KEY="") as server:
+        code = server.process.wait(timeout=30)
+    assert code != 0
+    assert "API_KEY is set but empty" in server.log.read_text()

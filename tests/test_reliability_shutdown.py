@@ -2,6 +2,7 @@
 requests are still served while a load balancer catches up, every accepted request gets its
 answer, and then the process exits within the configured bound."""
 import asyncio
+import concurrent.futures
 import signal
 import socket
 import time
@@ -15,6 +16,7 @@ from PIL import Image
 from service.__main__ import DrainingServer
 from service.connections import bounded_http_protocol, connection_limits
 from service.settings import Settings
+from tests.image_bombs import with_last_scan_repeated
 from tests.service_fixtures import copy_repository, encode, running_server
 
 MODEL = "mobilenetv2"
@@ -138,3 +140,23 @@ def test_connections_waiting_in_the_backlog_at_shutdown_are_answered_not_reset()
         return answers
 
     assert asyncio.run(scenario()) == [b"HTTP/1.1 200 OK"] * 3
+
+
+def test_a_request_still_decoding_when_shutdown_runs_out_of_time_gets_a_json_503(model_repository,
+                                                                                 tmp_path):
+    copy_repository(model_repository, tmp_path / "repository", MODEL)
+    # About 95 scans, each decoded over the whole image: seconds of decoding, under the scan limit.
+    slow = with_last_scan_repeated(encode(Image.new("L", (6000, 6600), 128), "JPEG", progressive=True), 90)
+    with running_server(tmp_path / "repository", tmp_path / "service.log",
+                        GRACEFUL_SHUTDOWN_SECONDS="0.3") as server:
+        server.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.put, f"{server.url}/predict/{MODEL}", content=slow, timeout=60)
+            time.sleep(0.5)  # well into its decoding
+            server.process.send_signal(signal.SIGTERM)
+            response = answer.result()
+        server.process.wait(timeout=30)
+    print(f"\nSIGTERM during a {len(slow) / 1000:.0f} KB JPEG's decode: {response.status_code} "
+          f"{response.text[:80]}")
+    assert response.status_code == 503 and response.json()["code"] == "shutting_down"
+    assert "Traceback" not in server.log.read_text()

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contract import Preprocessing
 from service.preprocess import preprocess
-from tests.service_fixtures import (IMAGENET, assert_matches_reference, copy_repository, encode, rss_bytes,
-                                    running_server)
+from tests.service_fixtures import (IMAGENET, ROOT, assert_matches_reference, copy_repository, encode,
+                                    rss_bytes, running_server)
 
 MAX_BODY_BYTES = 2_000_000
 MAX_IMAGE_PIXELS = 20_000_000
@@ -419,3 +419,34 @@ def test_a_corrupt_onnx_file_fails_that_model_only(model_repository, tmp_path, p
         assert refused.status_code == 503
         assert refused.json()["error"].startswith("model 'shufflenetv1' failed to load: InvalidProtobuf")
         assert httpx.put(server.url + "/predict/shufflenetv2", content=image).status_code == 200
+
+
+def test_a_file_named_only_by_rfc_5987_filename_star_is_the_upload(client, photos):
+    """What a client sends for a non-ASCII file name: filename*=UTF-8''..., without filename=."""
+    body = (b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''caf%C3%A9.jpg\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + photos["coffee"].read_bytes() + b"\r\n--xx--\r\n")
+    response = client.post("/predict/effnet", content=body,
+                           headers={"Content-Type": "multipart/form-data; boundary=xx"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"--x\r\n", "multipart/form-data; boundary=x"),
+    (b"--x\r\nContent-Disposition: form-data; name=\"file\"", "multipart/form-data; boundary=x"),
+    (b"anything", "multipart/form-data")])
+def test_a_broken_multipart_body_is_a_400_with_a_documented_code(client, body, content_type):
+    response = client.post("/predict/effnet", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_multipart"
+    assert "invalid_multipart" in (ROOT / "README.md").read_text()
+
+
+def test_the_api_docs_load_nothing_from_another_host(client):
+    page = client.get("/docs")
+    assert page.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.text)
+    assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls
+    assert not re.search(r"https?://", page.text), "the page names another host"
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+    assert client.get("/redoc").status_code == 404

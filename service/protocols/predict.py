@@ -5,16 +5,16 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
 
 from contract import RANDOM_WEIGHTS_NOTE, ModelMetadata, WeightsKind
 from service.auth import INFERENCE_DEPENDENCIES
 from service.engine import ServedModel
-from service.errors import (ErrorBody, MissingFileField, TooManyFiles, TopKOutOfRange,
-                            UnsupportedMediaType)
+from service.error_responses import ErrorBody
+from service.errors import MissingFileField, TooManyFiles, TopKOutOfRange, UnsupportedMediaType
 from service.lifecycle import Inputs, Result
 from service.postprocess import top_k as best_classes
 from service.preprocess import to_picture
+from service.protocols.multipart import form_parts
 
 RAW_IMAGE_TYPES = ("", "application/octet-stream")
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
@@ -81,13 +81,7 @@ class PredictAdapter:
         content_type = request.headers.get("content-type", "")
         media_type = content_type.split(";")[0].strip().lower()
         if media_type == "multipart/form-data":
-            async with request.form() as form:
-                uploads = [u for u in form.getlist("file") if isinstance(u, UploadFile)]
-                if not uploads:
-                    raise MissingFileField(list(form.keys()))
-                if len(uploads) > 1:
-                    raise TooManyFiles(len(uploads))
-                return await uploads[0].read()
+            return _uploaded_file(await request.body(), content_type)
         if media_type in RAW_IMAGE_TYPES or media_type.startswith("image/"):
             return await request.body()
         raise UnsupportedMediaType(content_type)
@@ -110,6 +104,18 @@ class PredictAdapter:
         # Serialised here, once, by pydantic's own encoder; response_model still documents it.
         return Response(body.model_dump_json(exclude=None if self.input_image else {"input_image"}),
                         media_type="application/json")
+
+
+def _uploaded_file(body: bytes, content_type: str) -> bytes:
+    """The one file in field `file` of a multipart/form-data body."""
+    parts = form_parts(body, content_type)
+    uploads = [part for part in parts if part.name == "file" and part.is_file]
+    if not uploads:
+        names = dict.fromkeys(part.name[:64] for part in parts if part.name is not None)
+        raise MissingFileField(list(names)[:20])  # enough to spot a typo, never a huge answer
+    if len(uploads) > 1:
+        raise TooManyFiles(len(uploads))
+    return bytes(uploads[0].content)
 
 
 def _data_url(tensor, model: ServedModel) -> str:

@@ -20,7 +20,7 @@ import orjson
 from pydantic import ValidationError
 
 from contract import ModelMetadata
-from service.errors import InvalidInferenceRequest, JsonTooLarge
+from service.errors import InvalidInferenceRequest, JsonTooLarge, TooManyImages
 from service.postprocess import top_k as best_classes
 from service.protocols.open_inference.wire import InferenceRequest, RequestInput, ResponseOutput
 
@@ -50,8 +50,10 @@ def wire_shape(shape: list[int | None]) -> list[int]:
 
 
 def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata,
-                   max_json_values: int = 1_000_000) -> DecodedRequest:
-    """A whole infer request, checked against the model's metadata."""
+                   max_json_values: int = 1_000_000, max_images: int = 16) -> DecodedRequest:
+    """A whole infer request, checked against the model's metadata. The declared batch size is
+    checked against `max_images` before the data is read, so no body costs more parse work than
+    the limits allow, whatever it holds."""
     request, binary = _split_body(body, header_length, max_json_values)
     wanted = _wanted_outputs(request, meta)
     if len(request.inputs) != 1:
@@ -59,6 +61,8 @@ def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata,
             f"send exactly one input: {meta.input.name!r} (FP32 {wire_shape(meta.input.shape)}) "
             f"or {IMAGE_INPUT!r} (BYTES [N], encoded images); got {len(request.inputs)}")
     given = request.inputs[0]
+    if given.shape and given.shape[0] > max_images:
+        raise TooManyImages(given.shape[0], max_images)
     raw = _binary_data(given, binary)
     if given.datatype == "BYTES":
         return DecodedRequest(request, wanted, _encoded_images(given, raw, meta), None)
@@ -104,6 +108,9 @@ def _wanted_outputs(body: InferenceRequest, meta: ModelMetadata) -> list[WantedO
         if output.name != meta.output.name:
             raise InvalidInferenceRequest(f"unknown output {output.name!r}; the model's output is "
                                           f"{meta.output.name!r}")
+        if wanted:  # each copy would be one more answer to build and encode
+            raise InvalidInferenceRequest(f"output {output.name!r} is named more than once; name "
+                                          "each output once")
         k = output.parameters.get("classification")
         if k is not None and (type(k) is not int or not 1 <= k <= meta.labels.count):
             raise InvalidInferenceRequest(f"classification must be a whole number from 1 to "
@@ -178,20 +185,26 @@ def _encoded_images(given: RequestInput, raw: bytes | None, meta: ModelMetadata)
     if len(given.shape) != 1 or given.shape[0] < 1:
         raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape}; encoded "
                                       "images take shape [N], N >= 1")
-    images = _length_prefixed(raw) if raw is not None else [_base64(item) for item in given.data]
-    if len(images) != given.shape[0]:
+    count = given.shape[0]
+    if raw is None and len(given.data) != count:
         raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape} but holds "
-                                      f"{len(images)} images")
+                                      f"{len(given.data)} images")
+    if raw is not None:
+        images = _length_prefixed(raw, count, given)
+    else:
+        images = [_base64(item) for item in given.data]
     if any(not image for image in images):
         raise InvalidInferenceRequest(f"input {given.name!r} holds an empty element: each element "
                                       "must be one encoded image file")
     return images
 
 
-def _length_prefixed(raw: bytes) -> list[bytes]:
-    """BYTES elements as the binary extension lays them out: 4-byte LE length, then the bytes."""
+def _length_prefixed(raw: bytes, count: int, given: RequestInput) -> list[bytes]:
+    """The `count` BYTES elements the shape declares, as the binary extension lays them out: 4-byte
+    LE length, then the bytes. Never more are read: a body of millions of empty elements costs
+    no more than one of `count` images."""
     elements, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and len(elements) < count:
         if offset + LENGTH_PREFIX.size > len(raw):
             raise InvalidInferenceRequest("BYTES data ends inside an element's 4-byte length")
         (length,) = LENGTH_PREFIX.unpack_from(raw, offset)
@@ -201,6 +214,10 @@ def _length_prefixed(raw: bytes) -> list[bytes]:
                                           f"{len(raw) - offset} remain")
         elements.append(raw[offset:offset + length])
         offset += length
+    if offset < len(raw) or len(elements) < count:
+        raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape} but its BYTES "
+                                      f"data holds {'more' if offset < len(raw) else len(elements)} "
+                                      "elements")
     return elements
 
 

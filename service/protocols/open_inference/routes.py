@@ -6,13 +6,17 @@ parameter `classification: k` gives BYTES [N, k] of "score:class_id:label", most
 the score is the probability /predict reports, where Triton puts the raw output value).
 Not supported: raw binary requests (`Inference-Header-Content-Length: 0`), compressed bodies.
 """
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
+from starlette.types import Receive, Scope, Send
 
 from service.auth import INFERENCE_DEPENDENCIES
 from service.engine import ServedModel
-from service.errors import ErrorBody, UnknownModelVersion, json_error
+from service.error_responses import ErrorBody, json_response
+from service.errors import UnknownModelVersion
 from service.lifecycle import Inputs, Result
 from service.status import is_ready
 from service.protocols.open_inference.codec import (DATATYPES, HEADER_LENGTH, IMAGE_INPUT,
@@ -27,6 +31,11 @@ VERSION = "1"  # a repository folder holds one version of its model
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
+# An answer of more values than this is encoded in a worker thread, not on the event loop, where
+# health checks and every other request would wait for it. A classification string costs several
+# numbers' work, so it counts as STRING_VALUES values.
+LARGE_ANSWER_VALUES = 4096
+STRING_VALUES = 8
 INFER_BODY = {"requestBody": {"required": True, "description": (
     "An InferenceRequest as JSON; with binary tensor data, that JSON (its length in the "
     f"{HEADER_LENGTH} header) followed by each binary input's bytes. Content-Type is not needed."),
@@ -34,19 +43,44 @@ INFER_BODY = {"requestBody": {"required": True, "description": (
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
 
+class EncodedInThread(Response):
+    """An answer whose body is built in a worker thread when it is sent. Headers set on it before
+    then (Server-Timing) are carried over to the built answer."""
+
+    def __init__(self, build: Callable[[], Response]) -> None:
+        super().__init__()
+        self.build = build
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await asyncio.to_thread(self.build)
+        for name, value in self.headers.items():
+            if name != "content-length":
+                response.headers[name] = value
+        await response(scope, receive, send)
+
+
 @dataclass(frozen=True)
 class OpenInferenceAdapter:
     max_json_values: int
+    max_images: int
     parses_body = True
 
     async def read(self, request: Request) -> tuple[bytes, str | None]:
         return await request.body(), request.headers.get(HEADER_LENGTH)
 
     def decode(self, payload: tuple[bytes, str | None], model: ServedModel) -> Inputs:
-        decoded = decode_request(*payload, model.metadata, self.max_json_values)
+        decoded = decode_request(*payload, model.metadata, self.max_json_values, self.max_images)
         return Inputs(images=decoded.images, tensor=decoded.tensor, options=decoded)
 
     def encode(self, result: Result) -> Response:
+        rows, classes = result.outputs.shape
+        values = sum(rows * w.classification * STRING_VALUES if w.classification else rows * classes
+                     for w in result.options.wanted)
+        if values > LARGE_ANSWER_VALUES:
+            return EncodedInThread(lambda: self.encoded(result))
+        return self.encoded(result)
+
+    def encoded(self, result: Result) -> Response:
         decoded: DecodedRequest = result.options
         model = result.model
         outputs, binaries = zip(*(encode_output(w, result.outputs, model.metadata, model.labels)
@@ -80,7 +114,7 @@ async def server_live() -> ServerLive:
 @router.head("/health/ready", include_in_schema=False)
 async def server_ready(request: Request) -> Response:
     ready = is_ready(request)
-    return json_error(200 if ready else 503, ServerReady(ready=ready).model_dump())
+    return json_response(200 if ready else 503, ServerReady(ready=ready).model_dump())
 
 
 @router.get("/models/{model}/ready", response_model=ModelReady, responses=ERRORS)
@@ -111,7 +145,8 @@ async def model_metadata(model: str, request: Request, version: str | None = Non
                        responses={200: {"model": InferenceResponse}, **ERRORS})
 async def infer(model: str, request: Request, version: str | None = None) -> Response:
     _served(request, model, version)
-    adapter = OpenInferenceAdapter(request.app.state.settings.max_json_values)
+    settings = request.app.state.settings
+    adapter = OpenInferenceAdapter(settings.max_json_values, settings.max_images_per_request)
     return await request.app.state.lifecycle.handle(request, model, adapter)
 
 

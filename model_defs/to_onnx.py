@@ -51,7 +51,9 @@ def check_parity(model: nn.Module, spec: ModelSpec, path: Path, seed: int) -> di
     Returns `{"batch_sizes", "max_abs_diff", "top5_equal"}`; raises ExportError on a mismatch.
     """
     images = synthetic_images(max(PARITY_BATCH_SIZES), spec.preprocessing, seed)
-    max_abs_diff, scale, top5_equal = 0.0, 0.0, True
+    max_abs_diff = 0.0
+    scale = 0.0
+    top5_equal = True
     session = None
     for batch_size in PARITY_BATCH_SIZES:
         x = images[:batch_size]

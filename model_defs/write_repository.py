@@ -2,7 +2,7 @@
 import os
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import onnx
@@ -10,13 +10,24 @@ import onnxruntime
 import torch
 from torch import nn
 
-from contract import (LABELS_FILE, MODEL_FILE, SCHEMA_VERSION, InputSpec, Labels, ModelMetadata, OnnxFile,
-                      OutputSpec, Weights, sha256_of, write_metadata)
-from contract import Quantization
+from contract import (
+    LABELS_FILE,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    InputSpec,
+    Labels,
+    ModelMetadata,
+    OnnxFile,
+    OutputSpec,
+    Quantization,
+    Weights,
+    sha256_of,
+    write_metadata,
+)
 from model_defs.macs import count_macs, count_params
-from model_defs.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, check_parity, export_onnx
 from model_defs.quantize import INT8_SUFFIX, quantize_int8
 from model_defs.registry import ModelSpec
+from model_defs.to_onnx import INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, check_parity, export_onnx
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ def build_metadata(spec: ModelSpec, model: nn.Module, weights: Weights, onnx_pat
         weights=weights,
         export={"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__,
-                "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "parity": parity},
         quantization=quantization,
     )
