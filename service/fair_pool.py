@@ -50,8 +50,13 @@ class FairPool:
             del self._asked[model]
         return min(self.per_model, max(1, math.ceil(self.workers / max(len(self._asked), 1))))
 
-    async def _thread_for(self, model: str) -> None:
+    def asking(self, model: str) -> None:
+        """Count `model` among the models asking, for work it may do elsewhere this time (a lone
+        image decoded on its inference worker): it keeps its share for its next jobs."""
         self._asked[model] = time.monotonic()
+
+    async def _thread_for(self, model: str) -> None:
+        self.asking(model)
         if self._busy < self.workers and self._held[model] < self._share() \
                 and not self._waiting.get(model):
             self._take(model)

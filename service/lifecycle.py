@@ -149,6 +149,7 @@ class Lifecycle:
         if _PREPARE_RESERVES:
             prepare_one = functools.partial(prepare_one, reserve=account.reserve,
                                             max_working_bytes=account.per_request)
+        self.pool.asking(model.name)
         if len(inputs.images) == 1 and self.engine.idle(model):
             prepared: list[PreparedImage] = []
 

@@ -12,7 +12,6 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import report
-from tests.image_bombs import with_last_scan_repeated
 from tests.service_fixtures import encode, ready_server
 
 FLOODED = "mobilenetv2"
@@ -211,15 +210,8 @@ def shared_server(model_repository, tmp_path_factory):
         yield server
 
 
-def many_scans_jpeg() -> bytes:
-    """A 6000 x 6000 progressive JPEG of 100 scans (MAX_JPEG_SCANS): about 200 KB, and seconds of
-    CPU to decode, each scan over the whole image."""
-    flat = encode(Image.new("RGB", (6000, 6000), (120, 90, 200)), "JPEG", progressive=True, quality=90)
-    return with_last_scan_repeated(flat, 100 - flat.count(b"\xff\xda") + 1)
-
-
 def test_one_models_expensive_uploads_do_not_starve_another_model(shared_server, photos, request):
-    expensive, photo = many_scans_jpeg(), photos["chelsea"].read_bytes()
+    expensive, photo = slow_png(), photos["chelsea"].read_bytes()  # each as costly as the checks admit
     stop = time.monotonic() + FAIRNESS_SECONDS
     flooded, bystander, health = [], [], []
 
@@ -239,15 +231,20 @@ def test_one_models_expensive_uploads_do_not_starve_another_model(shared_server,
                     health.append(time.perf_counter() - started)
                     await asyncio.sleep(0.2)
 
+            # The bystander is in use before the flood starts, as a served model is.
+            assert (await client.put(f"/predict/{BYSTANDER}", content=photo)).status_code == 200
             await asyncio.gather(*(loop(FLOODED, expensive, flooded, 0) for _ in range(EXPENSIVE_CLIENTS)),
                                  loop(BYSTANDER, photo, bystander, 0.2), probe())
 
     asyncio.run(scenario())
     latencies = [s for _, s in bystander]
-    report(request, "fairness", f"{EXPENSIVE_CLIENTS} clients looping a 100-scan JPEG on {FLOODED} "
-           f"({len(flooded)} answered, statuses {sorted({s for s, _ in flooded})}); {BYSTANDER}: "
+    report(request, "fairness", f"{EXPENSIVE_CLIENTS} clients looping a 30 MP PNG on {FLOODED} "
+           f"({len(flooded)} answered, statuses {sorted({s for s, _ in flooded})}, p50 "
+           f"{percentile([s for _, s in flooded], 50):.2f} s); {BYSTANDER}: "
            f"{len(bystander)} requests, statuses {sorted({s for s, _ in bystander})}, p50 "
            f"{percentile(latencies, 50):.2f} s, max {max(latencies):.2f} s; /health/live max "
            f"{max(health) * 1000:.0f} ms")
+    assert {status for status, _ in flooded} == {200}  # the expensive work was done, not refused
     assert {status for status, _ in bystander} == {200}  # never a 504 while the other model is busy
-    assert max(latencies) < 2.0  # it never waits for one of the other model's decodes to end
+    # It never waits for one of the other model's decodes to end.
+    assert max(latencies) < 0.5 * percentile([s for _, s in flooded], 50)
