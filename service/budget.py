@@ -35,7 +35,7 @@ REQUESTS_THAT_ALWAYS_FIT = 4
 NO_LIMIT_SHARE_OF_PHYSICAL_MEMORY = 0.5
 # A body is held twice at its peak: its chunks while the last arrives, and the one joined copy.
 BODY_COPIES = 2
-TRIM_AFTER_REQUEST_BYTES = 8 * 1024 * 1024  # a request that held this much is followed by a trim
+TRIM_AFTER_REQUEST_BYTES = 32 * 1024 * 1024  # several times a photo's decode: followed by a trim
 TRIM_INTERVAL_SECONDS = 1.0
 ALLOCATOR_ARENAS = 2  # glibc's default is 8 per core, each keeping its own freed memory
 M_ARENA_MAX = -8  # glibc's mallopt parameter
