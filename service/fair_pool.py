@@ -38,10 +38,15 @@ class FairPool:
     async def run(self, model: str, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` on one of the threads, once `model` is given one."""
         await self._thread_for(model)
-        loop = asyncio.get_running_loop()
         job = self._executor.submit(function, *args)
-        job.add_done_callback(lambda _: _call_soon(loop, self._release, model))
-        return await asyncio.wrap_future(job)
+        try:
+            return await asyncio.wrap_future(job)
+        finally:
+            if job.done():
+                self._release(model)
+            else:  # its caller went, and the job runs on: the thread is free when it ends
+                loop = asyncio.get_running_loop()
+                job.add_done_callback(lambda _: _call_soon(loop, self._release, model))
 
     def _share(self) -> int:
         """Threads one model may hold: an equal share between the models asking lately."""
