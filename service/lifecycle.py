@@ -22,7 +22,6 @@ pool, in parallel, and the batch queues for the model's inference workers.
 """
 import asyncio
 import functools
-import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,8 +44,6 @@ from service.preprocess import PreparedImage
 from service.settings import Settings
 
 PARSER_THREADS = 2
-# Whether preprocess.prepare takes the request's memory account (reserve, max_working_bytes).
-_PREPARE_RESERVES = "reserve" in inspect.signature(preprocess.prepare).parameters
 
 
 @dataclass(frozen=True)
@@ -145,10 +142,8 @@ class Lifecycle:
         prepare_one = functools.partial(
             preprocess.prepare, preprocessing=model.metadata.preprocessing,
             max_pixels=min(self.settings.max_image_pixels, self.settings.max_request_pixels),
-            max_scans=self.settings.max_jpeg_scans)
-        if _PREPARE_RESERVES:
-            prepare_one = functools.partial(prepare_one, reserve=account.reserve,
-                                            max_working_bytes=account.per_request)
+            max_scans=self.settings.max_jpeg_scans, reserve=account.reserve,
+            max_working_bytes=account.per_request)
         self.pool.asking(model.name)
         if len(inputs.images) == 1 and self.engine.idle(model):
             prepared: list[PreparedImage] = []
