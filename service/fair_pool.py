@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-RECENT_SECONDS = 10.0  # a model that asked within this long keeps its share of the threads
+RECENT_SECONDS = 1.0  # a model that asked within this long keeps its share of the threads
 
 
 class FairPool:
