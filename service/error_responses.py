@@ -33,6 +33,7 @@ from service.errors import (
     InvalidInferenceRequest,
     InvalidMultipart,
     JsonTooLarge,
+    MemoryExhausted,
     MissingFileField,
     ModelUnavailable,
     Overloaded,
@@ -99,6 +100,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     BadHttpRequest: (400, "bad_http_request"),
     InvalidMultipart: (400, "invalid_multipart"),
     ShuttingDown: (503, "shutting_down"),
+    MemoryExhausted: (503, "memory_exhausted"),
 }
 
 
