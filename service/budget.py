@@ -11,8 +11,8 @@ An account gives everything back when its request ends, however it ends.
 glibc keeps freed heap memory resident (for later allocations of the same thread), and a refused
 request's body may stay referenced by its exception's frames until a full garbage collection.
 Both are handed back, off the event loop and at most once a second, after a request that held
-much memory and once inference goes idle: a full collection, then `malloc_trim`. The number of allocator arenas, each of which keeps
-its own freed memory, is bounded when the budget is made.
+much memory and once inference goes idle: a full collection, then `malloc_trim`. The number of
+allocator arenas, each of which keeps its own freed memory, is bounded when the budget is made.
 """
 import asyncio
 import ctypes
@@ -21,7 +21,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -40,11 +40,15 @@ TRIM_INTERVAL_SECONDS = 1.0
 ALLOCATOR_ARENAS = 2  # glibc's default is 8 per core, each keeping its own freed memory
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
+_malloc_trim: Callable[[int], int] | None
+_mallopt: Callable[[int, int], int] | None
 try:
     _libc = ctypes.CDLL("libc.so.6")
-    _malloc_trim, _mallopt = _libc.malloc_trim, _libc.mallopt
+    _malloc_trim = _libc.malloc_trim
+    _mallopt = _libc.mallopt
 except (OSError, AttributeError):  # not glibc
-    _malloc_trim = _mallopt = None
+    _malloc_trim = None
+    _mallopt = None
 
 
 def default_budget_bytes() -> int:
@@ -98,7 +102,8 @@ def _collect_and_trim() -> None:
     # A refused request's exception holds its frames, and so its body, in a reference cycle that
     # only a full collection frees; a trickle of traffic makes too few objects to start one.
     gc.collect()
-    _malloc_trim(0)
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class MemoryBudget:

@@ -14,6 +14,7 @@ stopped half-way): the model whose request timed out pays for it, not the others
 whose caller goes (its deadline passed, its client left) never starts.
 """
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter, OrderedDict, deque
@@ -86,14 +87,14 @@ class FairPool:
     def _release(self, model: str) -> None:
         self._busy -= 1
         self._held[model] -= 1
-        while self._busy < self.workers and (model := self._next_model()) is not None:
-            turn = self._waiting[model].popleft()
-            if not self._waiting[model]:
-                del self._waiting[model]
+        while self._busy < self.workers and (chosen := self._next_model()) is not None:
+            turn = self._waiting[chosen].popleft()
+            if not self._waiting[chosen]:
+                del self._waiting[chosen]
             else:
-                self._waiting.move_to_end(model)
+                self._waiting.move_to_end(chosen)
             if not turn.done():  # its caller may have gone meanwhile
-                self._take(model)
+                self._take(chosen)
                 turn.set_result(None)
 
     def _next_model(self) -> str | None:
@@ -111,7 +112,5 @@ class FairPool:
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    try:
+    with contextlib.suppress(RuntimeError):  # the loop has closed: a job outlived the server
         loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:  # the loop has closed: a job outlived the server
-        pass
