@@ -133,8 +133,8 @@ class TooManyPixels(ServiceError):
 
 class BodyTimedOut(ServiceError):
     def __init__(self, timeout: float) -> None:
-        super().__init__(f"the request body did not arrive within {timeout:g} s (BODY_TIMEOUT_SECONDS)",
-                         timeout_seconds=timeout)
+        super().__init__(f"the request body did not arrive within {timeout:g} s (BODY_TIMEOUT_SECONDS, "
+                         "or what was left of REQUEST_TIMEOUT_SECONDS)", timeout_seconds=timeout)
 
 
 class ClientClosedRequest(ServiceError):
