@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from contract import discover
 from service import page, preprocess, status
 from service.admission import Admission
+from service.budget import MemoryBudget, default_budget_bytes
 from service.dataplane import DataPlane
 from service.engine import Engine
 from service.error_responses import install_error_handlers
@@ -41,8 +42,11 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
                               "Models with random weights give meaningless predictions.")
     admission = Admission(settings.max_in_flight_per_model, settings.retry_after_seconds,
                           settings.request_timeout_seconds, metrics.registry)
-    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch)
-    plane = DataPlane(settings, metrics, admission, engine, Lifecycle(engine, admission, settings))
+    budget = MemoryBudget(settings.memory_budget_bytes or default_budget_bytes(),
+                          settings.retry_after_seconds, metrics.registry)
+    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch,
+                    trim=budget.trim.soon)
+    plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     for router in (predict.router, open_inference.router, open_inference.inference_router,
@@ -51,7 +55,7 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request record sees every answer, the body limit only the app's reads.
     app.add_middleware(ShutdownAnswer)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, budget=budget)
     app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.models, tracing=tracing)
     if settings.cors_origin_list:  # outermost, so a browser's preflight needs no API key
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
@@ -66,7 +70,10 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     plane: DataPlane = app.state.data_plane
-    engine, metrics = plane.engine, plane.metrics
+    settings = plane.settings
+    engine = plane.engine
+    metrics = plane.metrics
+    budget = plane.budget
     started = time.perf_counter()
     # Every model is in /metrics from the start: as "loading", and with the series alerts divide by.
     metrics.expect_models(engine.models)
@@ -74,11 +81,15 @@ async def _lifespan(app: FastAPI):
     # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
     loading = asyncio.create_task(asyncio.to_thread(_load, engine))
     loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
+    loading.add_done_callback(lambda _: budget.trim.started_up())
+    if settings.memory_budget_bytes is None:  # less what the loaded models hold
+        loading.add_done_callback(lambda _: budget.resize(default_budget_bytes()))
     yield
     plane.drain()  # also when run by plain uvicorn, which has no drain phase
     await loading
     engine.close()
     plane.lifecycle.close()
+    budget.trim.cancel()
 
 
 def _load(engine: Engine) -> None:
@@ -88,7 +99,8 @@ def _load(engine: Engine) -> None:
 
 def _publish_models(engine: Engine, metrics: Metrics) -> None:
     for state in engine.models.values():
-        meta, served = state.folder.metadata, state.served
+        meta = state.folder.metadata
+        served = state.served
         metrics.observe_model(state.name, {
             "status": state.status, "architecture": meta.architecture if meta else "",
             "weights": meta.weights.kind if meta else "",

@@ -15,7 +15,6 @@ A model's state is decided once: `loading`, then `ready` with its `ServedModel` 
 labels, timings; immutable from then on) or `failed` with the reason. Batching is `service.batching`.
 """
 import asyncio
-import ctypes
 import dataclasses
 import logging
 import time
@@ -37,15 +36,10 @@ log = logging.getLogger("service.engine")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # After a burst, glibc keeps the freed activations of every inference thread's batches resident;
-# once no inference has run for this long, they are handed back to the OS.
+# once no inference has run for this long, they are handed back to the OS (`trim`).
 IDLE_TRIM_SECONDS = 1.0
 THREAD_CHOICE_RUNS = 7  # timed runs per session when a model's lone-request threads are chosen
 MORE_THREADS_MUST_SAVE = 0.1  # all threads serve a lone request only if at least this much faster
-try:
-    malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):  # not glibc
-    malloc_trim = None
-
 __all__ = ["Engine", "Inference", "ModelState", "ServedModel", "servable_onnx_file",
            "session_options", "more_threads_win"]
 
@@ -127,13 +121,15 @@ class ModelState:
 
 class Engine:
     def __init__(self, folders: list[ModelFolder], settings: Settings,
-                 on_batch: Callable[[str, int], None] | None = None) -> None:
+                 on_batch: Callable[[str, int], None] | None = None,
+                 trim: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.models: dict[str, ModelState] = {f.name: ModelState(f) for f in folders}
         self.workers = settings.resolved_inference_workers
         self.loading_done = False
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._on_batch = on_batch or (lambda model, size: None)
+        self._trim = trim
         self._batchers: dict[str, Batcher] = {}
         self._activity = Activity(on_busy=self._cancel_trim, on_idle=self._schedule_trim)
         self._trim_timer: asyncio.TimerHandle | None = None
@@ -249,11 +245,8 @@ class Engine:
             self._trim_timer = None
 
     def _schedule_trim(self) -> None:
-        if malloc_trim is not None:
-            loop = asyncio.get_running_loop()
-            # On the loop's default pool, so that no inference waits behind the trim.
-            self._trim_timer = loop.call_later(
-                IDLE_TRIM_SECONDS, lambda: loop.run_in_executor(None, malloc_trim, 0))
+        if self._trim is not None:
+            self._trim_timer = asyncio.get_running_loop().call_later(IDLE_TRIM_SECONDS, self._trim)
 
     def close(self) -> None:
         self._cancel_trim()

@@ -127,7 +127,8 @@ def test_without_the_variables_or_with_the_sdk_disabled_nothing_is_traced(served
 
 def test_a_collector_that_never_answers_costs_spans_not_latency(served, photos):
     with silent_collector() as endpoint:
-        server = served([MODEL], OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_MAX_QUEUE_SIZE="8", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4",
+        server = served([MODEL], OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_MAX_QUEUE_SIZE="8",
+                        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4",
                         **QUICK_EXPORT)
         latencies = []
         for _ in range(40):
