@@ -55,7 +55,7 @@ def test_a_request_with_a_traceparent_continues_that_trace_with_a_span_per_stage
     response = asyncio.run(scenario())
     assert response.status_code == 200
     finished = {span.name: span for span in spans.get_finished_spans()}
-    server = finished["PUT /predict/{{model}}"]
+    server = finished["PUT /predict/{model}"]
     assert server.kind == SpanKind.SERVER
     assert f"{server.context.trace_id:032x}" == TRACE_ID
     assert f"{server.parent.span_id:016x}" == CALLER_SPAN
