@@ -20,6 +20,7 @@ from service.error_responses import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
+from service.model_control import by_model
 from service.protocols import open_inference, predict
 from service.settings import Settings
 
@@ -39,18 +40,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Models with random weights give meaningless predictions.")
     admission = Admission(settings.max_in_flight_per_model, settings.retry_after_seconds,
                           settings.request_timeout_seconds, metrics.registry)
-    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch)
+    chosen = by_model(discover(settings.model_repository), settings.version_policy)
+    engine = Engine([folder for versions in chosen.values() for folder in versions], settings,
+                    on_batch=metrics.observe_batch, on_load=metrics.observe_load,
+                    on_unload=metrics.observe_unload)
     plane = DataPlane(settings, metrics, admission, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     for router in (predict.router, open_inference.router, open_inference.inference_router,
-                   status.router, page.router):
+                   open_inference.repository_router, status.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request record sees every answer, the body limit only the app's reads.
     app.add_middleware(ShutdownAnswer)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.models)
+    app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.versions)
     if settings.cors_origin_list:  # outermost, so a browser's preflight needs no API key
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST", "PUT"],
@@ -70,18 +74,28 @@ async def _lifespan(app: FastAPI):
     metrics.expect_models(engine.models)
     _publish_models(engine, metrics)
     # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
-    loading = asyncio.create_task(asyncio.to_thread(_load, engine))
+    loading = asyncio.create_task(asyncio.to_thread(_load, engine, plane.control.startup_models()))
     loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
+    polling = asyncio.create_task(_poll_after(loading, plane)) \
+        if plane.settings.model_control_mode == "poll" else None
     yield
     plane.drain()  # also when run by plain uvicorn, which has no drain phase
+    if polling is not None:
+        polling.cancel()
     await loading
     engine.close()
     plane.lifecycle.close()
 
 
-def _load(engine: Engine) -> None:
+def _load(engine: Engine, names: set[str] | None) -> None:
     preprocess.warm_up()
-    engine.load_all()
+    engine.load_all(names)
+
+
+async def _poll_after(loading: asyncio.Task, plane: DataPlane) -> None:
+    """Poll mode: scan the repository once the start-up load is done."""
+    await asyncio.shield(loading)
+    await plane.control.poll()
 
 
 def _publish_models(engine: Engine, metrics: Metrics) -> None:

@@ -32,6 +32,8 @@ from service.errors import (
     InvalidMultipart,
     JsonTooLarge,
     MissingFileField,
+    ModelControlDisabled,
+    ModelLoadFailed,
     ModelUnavailable,
     Overloaded,
     RequestTimedOut,
@@ -96,6 +98,8 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     BadHttpRequest: (400, "bad_http_request"),
     InvalidMultipart: (400, "invalid_multipart"),
     ShuttingDown: (503, "shutting_down"),
+    ModelControlDisabled: (409, "model_control_disabled"),
+    ModelLoadFailed: (400, "model_load_failed"),
 }
 
 

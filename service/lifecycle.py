@@ -85,10 +85,12 @@ class Lifecycle:
         # and each parsed body is several times its size in Python objects.
         self.parser = ThreadPoolExecutor(1, thread_name_prefix="parse")
 
-    async def handle(self, request: Request, model_name: str, adapter: Adapter) -> Response:
+    async def handle(self, request: Request, model_name: str, adapter: Adapter,
+                     version: str | None = None) -> Response:
         started = time.perf_counter()
-        model = self.engine.model(model_name)  # UnknownModel 404, ModelUnavailable 503
-        async with self.admission.deadline(model.name):  # RequestTimedOut 504
+        # UnknownModel or UnknownModelVersion 404, ModelUnavailable 503; loaded first if evicted
+        model, load_ms = await self.engine.acquire(model_name, version)
+        async with self.admission.deadline(model.name), self.engine.in_use(model):  # RequestTimedOut 504
             payload = await self._read(request, adapter)  # BodyTimedOut 408, client gone 499
             async with self.admission.admit(model.name), _cancelled_when_client_leaves(request):
                 if adapter.parses_body:
@@ -98,8 +100,9 @@ class Lifecycle:
                 if inputs.count > self.settings.max_images_per_request:
                     raise TooManyImages(inputs.count, self.settings.max_images_per_request)
                 images, inference = await self._infer(model, inputs)
-        timings = {"decode": sum(i.decode_ms for i in images),
-                   "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
+        timings = {"load": load_ms} if load_ms else {}
+        timings.update({"decode": sum(i.decode_ms for i in images),
+                        "preprocess": sum(i.preprocess_ms for i in images)} if images else {})
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                        total=(time.perf_counter() - started) * 1000)
         record_of(request).timings = timings  # for the metrics and the access log
