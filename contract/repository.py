@@ -51,7 +51,8 @@ def discover(repository: Path) -> list[ModelFolder]:
         raise RepositoryNotFound(f"model repository {str(repository)!r} is not a folder "
                                  "(set MODEL_REPOSITORY)")
     folders = []
-    for path in sorted(p for p in repository.iterdir() if p.is_dir()):
+    # A hidden folder is one being written (the exporter's staging folders): not a model yet.
+    for path in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if (path / METADATA_FILE).is_file():
             folders.append(read_folder(path.name, path, "1"))
         else:
