@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from contract import discover
 from service import page, preprocess, status
 from service.admission import Admission
+from service.budget import MemoryBudget, default_budget_bytes
 from service.dataplane import DataPlane
 from service.engine import Engine
 from service.error_responses import install_error_handlers
@@ -40,11 +41,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Models with random weights give meaningless predictions.")
     admission = Admission(settings.max_in_flight_per_model, settings.retry_after_seconds,
                           settings.request_timeout_seconds, metrics.registry)
+    budget = MemoryBudget(settings.memory_budget_bytes or default_budget_bytes(),
+                          settings.retry_after_seconds, metrics.registry)
     chosen = by_model(discover(settings.model_repository), settings.version_policy)
     engine = Engine([folder for versions in chosen.values() for folder in versions], settings,
-                    on_batch=metrics.observe_batch, on_load=metrics.observe_load,
-                    on_unload=metrics.observe_unload)
-    plane = DataPlane(settings, metrics, admission, engine, Lifecycle(engine, admission, settings))
+                    on_batch=metrics.observe_batch, trim=budget.trim.soon,
+                    on_load=metrics.observe_load, on_unload=metrics.observe_unload)
+    plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     for router in (predict.router, open_inference.router, open_inference.inference_router,
@@ -53,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request record sees every answer, the body limit only the app's reads.
     app.add_middleware(ShutdownAnswer)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, budget=budget)
     app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.versions)
     if settings.cors_origin_list:  # outermost, so a browser's preflight needs no API key
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
@@ -68,7 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     plane: DataPlane = app.state.data_plane
-    engine, metrics = plane.engine, plane.metrics
+    settings = plane.settings
+    engine = plane.engine
+    metrics = plane.metrics
+    budget = plane.budget
     started = time.perf_counter()
     # Every model is in /metrics from the start: as "loading", and with the series alerts divide by.
     metrics.expect_models(engine.models)
@@ -76,6 +82,9 @@ async def _lifespan(app: FastAPI):
     # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
     loading = asyncio.create_task(asyncio.to_thread(_load, engine, plane.control.startup_models()))
     loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
+    loading.add_done_callback(lambda _: budget.trim.started_up())
+    if settings.memory_budget_bytes is None:  # less what the loaded models hold
+        loading.add_done_callback(lambda _: budget.resize(default_budget_bytes()))
     polling = asyncio.create_task(_poll_after(loading, plane)) \
         if plane.settings.model_control_mode == "poll" else None
     yield
@@ -85,6 +94,7 @@ async def _lifespan(app: FastAPI):
     await loading
     engine.close()
     plane.lifecycle.close()
+    budget.trim.cancel()
 
 
 def _load(engine: Engine, names: set[str] | None) -> None:
@@ -100,7 +110,8 @@ async def _poll_after(loading: asyncio.Task, plane: DataPlane) -> None:
 
 def _publish_models(engine: Engine, metrics: Metrics) -> None:
     for state in engine.models.values():
-        meta, served = state.folder.metadata, state.served
+        meta = state.folder.metadata
+        served = state.served
         metrics.observe_model(state.name, {
             "status": state.status, "architecture": meta.architecture if meta else "",
             "weights": meta.weights.kind if meta else "",

@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from service.admission import Admission
+from service.budget import MemoryBudget
 from service.engine import Engine
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
@@ -22,6 +23,7 @@ class DataPlane:
     settings: Settings
     metrics: Metrics
     admission: Admission
+    budget: MemoryBudget
     engine: Engine
     lifecycle: Lifecycle
     draining: bool = False  # set once on SIGTERM (or at shutdown): readiness says 503 from then

@@ -25,7 +25,6 @@ Batching is `service.batching`; which versions to load and when is `service.mode
 """
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import time
@@ -47,16 +46,11 @@ log = logging.getLogger("service.engine")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # After a burst, glibc keeps the freed activations of every inference thread's batches resident;
-# once no inference has run for this long, they are handed back to the OS.
+# once no inference has run for this long, they are handed back to the OS (`trim`).
 IDLE_TRIM_SECONDS = 1.0
 EVICTION_WAIT_SECONDS = 0.01  # how often a load waiting for a model to fall idle looks again
 THREAD_CHOICE_RUNS = 7  # timed runs per session when a model's lone-request threads are chosen
 MORE_THREADS_MUST_SAVE = 0.1  # all threads serve a lone request only if at least this much faster
-try:
-    malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):  # not glibc
-    malloc_trim = None
-
 __all__ = ["Engine", "Inference", "ModelState", "ServedModel", "servable_onnx_file",
            "session_options", "more_threads_win", "version_number"]
 LoadListener = Callable[[str, str, float, str], None]  # model, version, seconds, outcome
@@ -161,6 +155,7 @@ def newest(states: list[ModelState]) -> ModelState:
 class Engine:
     def __init__(self, folders: list[ModelFolder], settings: Settings,
                  on_batch: Callable[[str, int], None] | None = None,
+                 trim: Callable[[], None] | None = None,
                  on_load: LoadListener | None = None, on_unload: UnloadListener | None = None) -> None:
         self.settings = settings
         self.versions: dict[str, dict[str, ModelState]] = {}  # model name -> version -> state
@@ -170,6 +165,7 @@ class Engine:
         self.loading_done = False
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self._on_batch = on_batch or (lambda model, size: None)
+        self._trim = trim
         self._on_load = on_load or (lambda model, version, seconds, outcome: None)
         self._on_unload = on_unload or (lambda model, version, why: None)
         self._batchers: dict[int, Batcher] = {}  # by id() of the ServedModel they run
@@ -427,8 +423,8 @@ class Engine:
         batcher = self._batchers.pop(key, None)
         if batcher is not None:
             batcher.cancel()
-        if malloc_trim is not None:  # hand the freed sessions' memory back to the OS
-            asyncio.get_running_loop().run_in_executor(None, malloc_trim, 0)
+        if self._trim is not None:  # hand the freed sessions' memory back to the OS
+            self._trim()
 
     def is_ready(self, strict: bool) -> bool:
         """Loading is over, some model serves and, when strict, none failed."""
@@ -461,11 +457,8 @@ class Engine:
             self._trim_timer = None
 
     def _schedule_trim(self) -> None:
-        if malloc_trim is not None:
-            loop = asyncio.get_running_loop()
-            # On the loop's default pool, so that no inference waits behind the trim.
-            self._trim_timer = loop.call_later(
-                IDLE_TRIM_SECONDS, lambda: loop.run_in_executor(None, malloc_trim, 0))
+        if self._trim is not None:
+            self._trim_timer = asyncio.get_running_loop().call_later(IDLE_TRIM_SECONDS, self._trim)
 
     def close(self) -> None:
         self._cancel_trim()

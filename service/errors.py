@@ -133,8 +133,8 @@ class TooManyPixels(ServiceError):
 
 class BodyTimedOut(ServiceError):
     def __init__(self, timeout: float) -> None:
-        super().__init__(f"the request body did not arrive within {timeout:g} s (BODY_TIMEOUT_SECONDS)",
-                         timeout_seconds=timeout)
+        super().__init__(f"the request body did not arrive within {timeout:g} s (BODY_TIMEOUT_SECONDS, "
+                         "or what was left of REQUEST_TIMEOUT_SECONDS)", timeout_seconds=timeout)
 
 
 class ClientClosedRequest(ServiceError):
@@ -208,6 +208,14 @@ class ShuttingDown(ServiceError):
     def __init__(self) -> None:
         super().__init__("the server shut down before this request was done "
                          "(GRACEFUL_SHUTDOWN_SECONDS); retry it on another instance")
+
+
+class MemoryExhausted(ServiceError):
+    def __init__(self, budget: int, retry_after: int) -> None:
+        super().__init__(f"the requests in flight hold the server's memory budget of {budget} bytes "
+                         f"(MEMORY_BUDGET_BYTES); retry after {retry_after} s",
+                         budget_bytes=budget, retry_after_seconds=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class ModelControlDisabled(ServiceError):

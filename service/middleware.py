@@ -9,11 +9,12 @@ from collections.abc import Callable, Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.budget import BODY_COPIES, MemoryBudget
 from service.dataplane import data_plane
 from service.error_responses import error_response
 from service.errors import BodyTooLarge, ShuttingDown
 from service.metrics import UNKNOWN_MODEL, Metrics
-from service.record import SCOPE_KEY, RequestRecord
+from service.record import SCOPE_KEY, RequestRecord, record_of
 
 log = logging.getLogger("service.access")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -60,11 +61,16 @@ class RequestRecorder:
 
 class BodyLimit:
     """Refuses a body over `limit` bytes (413), from Content-Length when the app starts reading it,
-    and while it streams otherwise; a route that refuses a request first (401) reads nothing."""
+    and while it streams otherwise; a route that refuses a request first (401) reads nothing.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    Each request holds an account of the memory budget until its answer is sent (`request.state.
+    memory`). The body is reserved in it before it is read: Content-Length's worth at the first
+    read, then whatever streams past that; past the budget the read raises MemoryExhausted (503)."""
+
+    def __init__(self, app: ASGIApp, limit: int, budget: MemoryBudget) -> None:
         self.app = app
         self.limit = limit
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,18 +78,27 @@ class BodyLimit:
             return
         received = 0
         announced = _content_length(scope)
+        covered: int | None = None  # body bytes reserved for; None until the app first reads
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, covered
             if announced > self.limit:
                 raise BodyTooLarge(self.limit)
+            if covered is None:
+                account.reserve(announced * BODY_COPIES)
+                covered = announced
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:  # a chunked upload without Content-Length, or a lying one
                 raise BodyTooLarge(self.limit)
+            if received > covered:
+                account.reserve((received - covered) * BODY_COPIES)
+                covered = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        with self.budget.account() as account:
+            record_of(scope).memory = account
+            await self.app(scope, limited_receive, send)
 
 
 class ShutdownAnswer:
@@ -111,7 +126,9 @@ class ShutdownAnswer:
         except asyncio.CancelledError:
             if started or not data_plane(scope["app"]).draining:  # not a shutdown, or too late to answer
                 raise
-            asyncio.current_task().uncancel()
+            task = asyncio.current_task()
+            if task is not None:  # always: uvicorn runs each request in a task
+                task.uncancel()
             await error_response(ShuttingDown())(scope, receive, send)
 
 

@@ -110,6 +110,14 @@ class Settings(BaseSettings):
                          "so a load balancer can stop sending traffic, before the listener closes.")
     graceful_shutdown_seconds: PositiveFloat = Field(
         10.0, description="After the listener closes, longest wait for requests in flight to finish.")
+    memory_budget_bytes: PositiveInt | None = Field(
+        None, description="Memory all predictions may hold at once: bodies being read (multipart "
+                          "spools on disk included), decoded images and their working copies, "
+                          "answers being sent. What a request will hold is reserved before it is "
+                          "spent; past the budget a request is refused with 503 and Retry-After, "
+                          "and an image needing more than a quarter of it with 422. Default: the "
+                          "container's memory limit (cgroup) less the process's resident memory "
+                          "once every model has loaded; without a limit, half of physical memory.")
     # Connections (service/connections.py): what a client must do before its request reaches the app.
     max_connections: PositiveInt | None = Field(
         None, description="Client connections open at once; past it a new one gets 503 with "

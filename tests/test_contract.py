@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from contract import (IncompleteModel, ModelFolder, ModelLoadError, ModelMetadata, discover, read_metadata, verify,
-                      write_metadata)
+from contract import (
+    IncompleteModel,
+    ModelFolder,
+    ModelLoadError,
+    ModelMetadata,
+    discover,
+    read_metadata,
+    verify,
+    write_metadata,
+)
 
 MODEL_BYTES = b"stands in for an ONNX graph"
 LABELS = ["cat", "dog"]

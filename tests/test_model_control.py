@@ -192,7 +192,7 @@ def test_at_most_two_models_loaded_and_one_load_for_a_burst_of_first_requests(tm
         for round_ in range(2):
             for name in names:
                 answers: list[httpx.Response] = []
-                burst = [threading.Thread(target=lambda n=name: answers.append(
+                burst = [threading.Thread(target=lambda n=name, answers=answers: answers.append(
                     httpx.post(f"{url}/v2/models/{n}/infer", json=body, timeout=60))) for _ in range(8)]
                 for thread in burst:
                     thread.start()

@@ -2,6 +2,7 @@
 import base64
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -23,7 +24,8 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
         "file": {"type": "string", "format": "binary"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
 
 
 class Prediction(BaseModel):
@@ -96,7 +98,8 @@ class PredictAdapter:
         return Inputs(images=[payload], options=self.top_k or min(self.default_top_k, classes))
 
     def encode(self, result: Result) -> Response:
-        model, image = result.model, result.images[0]
+        model = result.model
+        image = result.images[0]
         predictions = [Prediction(label=model.labels[i], class_id=i, probability=p) for i, p in
                        best_classes(result.outputs[0], model.metadata.output.kind, result.options)]
         body = PredictResponse(model=model.name, version=model.version,

@@ -9,6 +9,7 @@ Not supported: raw binary requests (`Inference-Header-Content-Length: 0`), compr
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.types import Receive, Scope, Send
@@ -41,7 +42,7 @@ from service.protocols.open_inference.wire import (
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification"]
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
 # An answer of more values than this is encoded in a worker thread, not on the event loop, where
 # health checks and every other request would wait for it. A classification string costs several
 # numbers' work, so it counts as STRING_VALUES values.
@@ -95,7 +96,7 @@ class OpenInferenceAdapter:
         decoded: DecodedRequest = result.options
         model = result.model
         outputs, binaries = zip(*(encode_output(w, result.outputs, model.metadata, model.labels)
-                                  for w in decoded.wanted))
+                                  for w in decoded.wanted), strict=True)  # each is an (output, binary) pair
         header = InferenceResponse(model_name=model.name, model_version=model.version, id=decoded.body.id,
                                    outputs=list(outputs)).model_dump_json(exclude_none=True).encode()
         if not any(b is not None for b in binaries):
