@@ -21,6 +21,7 @@ from service.error_responses import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
+from service.model_control import by_model
 from service.protocols import open_inference, predict
 from service.settings import Settings
 from service.tracing import Tracing
@@ -44,19 +45,21 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
                           settings.request_timeout_seconds, metrics.registry)
     budget = MemoryBudget(settings.memory_budget_bytes or default_budget_bytes(),
                           settings.retry_after_seconds, metrics.registry)
-    engine = Engine(discover(settings.model_repository), settings, on_batch=metrics.observe_batch,
-                    trim=budget.trim.soon)
+    chosen = by_model(discover(settings.model_repository), settings.version_policy)
+    engine = Engine([folder for versions in chosen.values() for folder in versions], settings,
+                    on_batch=metrics.observe_batch, trim=budget.trim.soon,
+                    on_load=metrics.observe_load, on_unload=metrics.observe_unload)
     plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     for router in (predict.router, open_inference.router, open_inference.inference_router,
-                   status.router, page.router):
+                   open_inference.repository_router, status.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request record sees every answer, the body limit only the app's reads.
     app.add_middleware(ShutdownAnswer)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, budget=budget)
-    app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.models, tracing=tracing)
+    app.add_middleware(RequestRecorder, metrics=metrics, model_names=lambda: engine.versions, tracing=tracing)
     if settings.cors_origin_list:  # outermost, so a browser's preflight needs no API key
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "POST", "PUT"],
@@ -79,22 +82,32 @@ async def _lifespan(app: FastAPI):
     metrics.expect_models(engine.models)
     _publish_models(engine, metrics)
     # Load in the background so /health/live answers (and /health/ready says 503) meanwhile.
-    loading = asyncio.create_task(asyncio.to_thread(_load, engine))
+    loading = asyncio.create_task(asyncio.to_thread(_load, engine, plane.control.startup_models()))
     loading.add_done_callback(lambda _: _loaded(engine, metrics, started))
     loading.add_done_callback(lambda _: budget.trim.started_up())
     if settings.memory_budget_bytes is None:  # less what the loaded models hold
         loading.add_done_callback(lambda _: budget.resize(default_budget_bytes()))
+    polling = asyncio.create_task(_poll_after(loading, plane)) \
+        if plane.settings.model_control_mode == "poll" else None
     yield
     plane.drain()  # also when run by plain uvicorn, which has no drain phase
+    if polling is not None:
+        polling.cancel()
     await loading
     engine.close()
     plane.lifecycle.close()
     budget.trim.cancel()
 
 
-def _load(engine: Engine) -> None:
+def _load(engine: Engine, names: set[str] | None) -> None:
     preprocess.warm_up()
-    engine.load_all()
+    engine.load_all(names)
+
+
+async def _poll_after(loading: asyncio.Task, plane: DataPlane) -> None:
+    """Poll mode: scan the repository once the start-up load is done."""
+    await asyncio.shield(loading)
+    await plane.control.poll()
 
 
 def _publish_models(engine: Engine, metrics: Metrics) -> None:

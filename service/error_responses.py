@@ -35,6 +35,8 @@ from service.errors import (
     JsonTooLarge,
     MemoryExhausted,
     MissingFileField,
+    ModelControlDisabled,
+    ModelLoadFailed,
     ModelUnavailable,
     Overloaded,
     RequestTimedOut,
@@ -101,6 +103,8 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     InvalidMultipart: (400, "invalid_multipart"),
     ShuttingDown: (503, "shutting_down"),
     MemoryExhausted: (503, "memory_exhausted"),
+    ModelControlDisabled: (409, "model_control_disabled"),
+    ModelLoadFailed: (400, "model_load_failed"),
 }
 
 

@@ -216,3 +216,18 @@ class MemoryExhausted(ServiceError):
                          f"(MEMORY_BUDGET_BYTES); retry after {retry_after} s",
                          budget_bytes=budget, retry_after_seconds=retry_after)
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class ModelControlDisabled(ServiceError):
+    """A repository load or unload while MODEL_CONTROL_MODE is none."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__(f"model {action} is disabled: MODEL_CONTROL_MODE is none (set it to explicit "
+                         "or poll to load and unload models while the service runs)", action=action)
+
+
+class ModelLoadFailed(ServiceError):
+    """A repository load call whose model could not be made ready; the reason names the check."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model!r} not loaded: {reason}", reason=reason)

@@ -94,11 +94,13 @@ class Lifecycle:
         # back. Two threads, so that one model's slow bodies never hold up another model's.
         self.parser = FairPool(PARSER_THREADS, "parse", per_model=1)
 
-    async def handle(self, request: Request, model_name: str, adapter: Adapter) -> Response:
+    async def handle(self, request: Request, model_name: str, adapter: Adapter,
+                     version: str | None = None) -> Response:
         started = time.perf_counter()
-        model = self.engine.model(model_name)  # UnknownModel 404, ModelUnavailable 503
+        # UnknownModel or UnknownModelVersion 404, ModelUnavailable 503; loaded first if evicted
+        model, load_ms = await self.engine.acquire(model_name, version)
         account: RequestAccount = record_of(request).memory  # the body is reserved as it is read
-        async with self.admission.deadline(model.name) as deadline:  # RequestTimedOut 504
+        async with self.admission.deadline(model.name) as deadline, self.engine.in_use(model):  # 504
             read_at = time.perf_counter()
             payload = await self._read(request, adapter, deadline)  # BodyTimedOut 408, gone 499
             read = Stage(read_at, (time.perf_counter() - read_at) * 1000)
@@ -110,8 +112,9 @@ class Lifecycle:
                 if inputs.count > self.settings.max_images_per_request:
                     raise TooManyImages(inputs.count, self.settings.max_images_per_request)
                 images, inference = await self._infer(model, inputs, account)
-        timings = {"decode": sum(i.decode_ms for i in images),
-                   "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
+        timings = {"load": load_ms} if load_ms else {}
+        timings.update({"decode": sum(i.decode_ms for i in images),
+                        "preprocess": sum(i.preprocess_ms for i in images)} if images else {})
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                        total=(time.perf_counter() - started) * 1000)
         record = record_of(request)

@@ -54,6 +54,26 @@ class Settings(BaseSettings):
     warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")
     strict_readiness: bool = Field(
         True, description="Readiness stays 503 while any model failed to load (others keep serving).")
+    model_control_mode: Literal["none", "explicit", "poll"] = Field(
+        "none", description="none: every model is loaded at start and the repository API's load and "
+                            "unload are refused; explicit: loaded at start (or only STARTUP_MODELS), "
+                            "then only the API loads, reloads and unloads; poll: the repository is "
+                            "scanned every REPOSITORY_POLL_SECONDS and changes are loaded and "
+                            "unloaded as they appear.")
+    version_policy: str = Field(
+        "latest:1", pattern=r"^(latest:[1-9][0-9]*|all|specific:[1-9][0-9]*(,[1-9][0-9]*)*)$",
+        description="Which versions of a model with numbered version folders are served: latest:K "
+                    "(the K newest), all, or specific:1,3. A request without a version gets the "
+                    "newest ready one.")
+    startup_models: str = Field(
+        "", description="Comma-separated models loaded at start in explicit mode; empty: all.")
+    repository_poll_seconds: PositiveFloat = Field(
+        5.0, description="How often poll mode scans the repository for added, changed and removed "
+                         "models and versions.")
+    max_loaded_models: int = Field(
+        0, ge=0, description="Most models loaded at once (0: no bound). A request for a model not "
+                             "loaded loads it (its Server-Timing has a `load` stage) after unloading "
+                             "the least recently used model no request is using.")
 
     top_k: PositiveInt = Field(5, description="Default number of classes returned by /predict.")
     max_body_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest request body accepted.")

@@ -28,7 +28,7 @@ async def serving(repository, **settings):
     """The app with its lifespan running and every model loaded, and a client calling it in process."""
     app = create_app(Settings(model_repository=repository, warmup_runs=0, **settings))
     async with app.router.lifespan_context(app):
-        while not app.state.engine.loading_done:
+        while not app.state.data_plane.engine.loading_done:
             await asyncio.sleep(0.01)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
