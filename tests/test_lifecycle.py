@@ -135,15 +135,16 @@ def test_an_image_over_the_pixel_limit_is_413_whichever_the_protocol(repository,
 
 
 def slow_png() -> bytes:
-    """A 6000 x 5000 gradient: tens of KB to send, far longer than the deadline below to decode."""
-    ramp = np.add.outer(np.arange(5000), np.arange(6000)) % 256
+    """A 6000 x 6600 gradient (just under MAX_IMAGE_PIXELS): tens of KB to send, longer than the
+    deadline below to decode even on a quiet machine."""
+    ramp = np.add.outer(np.arange(6600), np.arange(6000)) % 256
     return encode(Image.fromarray(ramp.astype(np.uint8), "L").convert("RGB"), "PNG", compress_level=9)
 
 
 @pytest.mark.parametrize("protocol", [*IMAGE_PROTOCOLS, infer_tensor])
 def test_past_the_deadline_a_request_is_504_whichever_the_protocol(repository, photos, protocol):
     async def scenario():
-        async with serving(repository, request_timeout_seconds=0.3, inference_workers=1,
+        async with serving(repository, request_timeout_seconds=0.2, inference_workers=1,
                            preprocess_workers=1) as client:
             # Decoded on the only inference worker, so the next request waits for it.
             blocker = asyncio.ensure_future(client.put(f"/predict/{MODEL}", content=slow_png()))
