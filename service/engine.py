@@ -57,9 +57,16 @@ LoadListener = Callable[[str, str, float, str], None]  # model, version, seconds
 UnloadListener = Callable[[str, str, str], None]  # model, version, why
 
 
+def loadable_metadata(folder: ModelFolder) -> ModelMetadata:
+    """A folder's metadata; ModelLoadError saying why when its metadata.json could not be read."""
+    if folder.metadata is None:
+        raise ModelLoadError(folder.error or f"{folder.path}: no readable metadata.json")
+    return folder.metadata
+
+
 def servable_onnx_file(folder: ModelFolder) -> str:
     """The file to load: the contract allows the pre-optimised one only for the onnxruntime that wrote it."""
-    meta = folder.metadata
+    meta = loadable_metadata(folder)
     if meta.optimized_model_file and meta.export.get("onnxruntime") == ort.__version__ \
             and (folder.path / meta.optimized_model_file).is_file():
         return meta.optimized_model_file
@@ -114,7 +121,7 @@ class ServedModel:
 
     @property
     def metadata(self) -> ModelMetadata:
-        return self.folder.metadata
+        return loadable_metadata(self.folder)  # it loaded, so it has metadata
 
     def run(self, batch: np.ndarray, alone: bool = True) -> np.ndarray:
         """One bare session.run on the caller's thread, on the one-thread session unless alone."""
@@ -242,7 +249,8 @@ class Engine:
         onnx_file = servable_onnx_file(folder)
         threads = self.settings.intra_op_threads
         session = self._session(folder.path / onnx_file, threads)
-        _check_signature(session, folder.metadata)
+        metadata = loadable_metadata(folder)
+        _check_signature(session, metadata)
         provider = session.get_providers()[0]
         # With one worker every inference runs alone; on a GPU the CPU threads hardly matter.
         one_thread = None
@@ -251,7 +259,7 @@ class Engine:
         model = ServedModel(folder, tuple(labels), session, one_thread, threads, provider, onnx_file,
                             load_ms=(time.perf_counter() - started) * 1000, warmup_ms=0.0)
         started = time.perf_counter()
-        zeros = np.zeros([1 if d is None else d for d in folder.metadata.input.shape], np.float32)
+        zeros = np.zeros([1 if d is None else d for d in metadata.input.shape], np.float32)
         for _ in range(self.settings.warmup_runs):
             model.run(zeros)
             if one_thread is not None:
