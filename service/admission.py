@@ -36,16 +36,19 @@ class Admission:
         return self._in_flight[model]
 
     @asynccontextmanager
-    async def deadline(self, model: str) -> AsyncIterator[None]:
-        """Cancel the body at the request's deadline, as RequestTimedOut."""
+    async def deadline(self, model: str, client_timeout: float | None = None) -> AsyncIterator[None]:
+        """Cancel the body at the request's deadline, as RequestTimedOut: REQUEST_TIMEOUT_SECONDS,
+        or the client's own (a gRPC deadline) where that comes first."""
+        timeout = self.timeout_seconds if client_timeout is None else min(client_timeout,
+                                                                           self.timeout_seconds)
         try:
-            async with asyncio.timeout(self.timeout_seconds) as deadline:
+            async with asyncio.timeout(timeout) as deadline:
                 yield
         except TimeoutError:
             if not deadline.expired():
                 raise
             self.timed_out.labels(model=model).inc()
-            raise RequestTimedOut(model, self.timeout_seconds) from None
+            raise RequestTimedOut(model, timeout) from None
 
     @asynccontextmanager
     async def admit(self, model: str) -> AsyncIterator[None]:

@@ -21,6 +21,7 @@ from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
 from service.protocols import open_inference, predict
+from service.protocols.open_inference import extensions
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -43,8 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     plane = DataPlane(settings, metrics, admission, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
-    for router in (predict.router, open_inference.router, open_inference.inference_router,
-                   status.router, page.router):
+    # The extensions first: /v2/models/stats is not the metadata of a model named "stats".
+    for router in (predict.router, extensions.router, open_inference.router,
+                   open_inference.inference_router, status.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request record sees every answer, the body limit only the app's reads.

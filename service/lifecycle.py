@@ -5,8 +5,10 @@
     → batch and infer → encode the answer (postprocessing, e.g. top-k, is the protocol's)
 
 A protocol is an `Adapter` (`service/protocols/`): it reads its wire format into `Inputs` and writes
-a `Result` back in its wire format, and nothing else. Every bound is enforced here, once, for all
-protocols: body bytes (the limit middleware counts what `read` receives) and the time the body may
+a `Result` back in its wire format, and nothing else. What carries the request is a `Call`: an HTTP
+request (`HttpCall`) or a gRPC call (service/protocols/grpc/); the lifecycle asks it only for the
+payload, whether the client has left, the client's own deadline and the request's record.
+Every bound is enforced here, once, for all protocols: body bytes (the limit middleware counts what `read` receives) and the time the body may
 take, images per request, pixels per image and per request, in-flight requests per model and the
 request's deadline. Past the deadline, or once the client has gone, none of the request's remaining
 work runs: images not yet decoded are not decoded, and its place in the batch queue is dropped.
@@ -35,7 +37,7 @@ from service.engine import Engine, ServedModel
 from service.errors import BodyTimedOut, ClientClosedRequest, TooManyImages, TooManyPixels
 from service.metrics import server_timing
 from service.preprocess import PreparedImage
-from service.record import record_of
+from service.record import RequestRecord, record_of
 from service.settings import Settings
 
 
@@ -66,14 +68,51 @@ class Adapter(Protocol):
 
     parses_body: bool  # decode parses the body (JSON, base64), so it runs off the event loop
 
-    async def read(self, request: Request) -> Any:
-        """The request's payload, read from the body."""
-
     def decode(self, payload: Any, model: ServedModel) -> Inputs:
         """The payload as Inputs; raises a ServiceError saying what is wrong with it."""
 
-    def encode(self, result: Result) -> Response:
-        """The result in the protocol's wire format."""
+    def encode(self, result: Result) -> Any:
+        """The result in the protocol's wire format (an HTTP Response, a protobuf message)."""
+
+
+class HttpAdapter(Adapter, Protocol):
+    async def read(self, request: Request) -> Any:
+        """The request's payload, read from the body."""
+
+
+class Call(Protocol):
+    """One request as the lifecycle sees it, whatever transport carries it."""
+
+    time_left: float | None  # seconds the client still waits for its answer; None: no deadline
+
+    @property
+    def record(self) -> RequestRecord:
+        """The request's record: the lifecycle writes its stage timings there."""
+
+    async def read(self) -> Any:
+        """The payload, for the adapter's decode; ClientDisconnect if the client leaves meanwhile."""
+
+    async def client_left(self) -> bool:
+        """Called once the payload is read: returns True when the client leaves, False if it
+        can no longer tell."""
+
+
+@dataclass
+class HttpCall:
+    request: Request
+    adapter: HttpAdapter
+    time_left: float | None = None  # HTTP carries no deadline of the client's
+
+    @property
+    def record(self) -> RequestRecord:
+        return record_of(self.request)
+
+    async def read(self) -> Any:
+        return await self.adapter.read(self.request)
+
+    async def client_left(self) -> bool:
+        # Once the body is read, the only message left is the disconnect.
+        return (await self.request.receive())["type"] == "http.disconnect"
 
 
 class Lifecycle:
@@ -85,12 +124,19 @@ class Lifecycle:
         # and each parsed body is several times its size in Python objects.
         self.parser = ThreadPoolExecutor(1, thread_name_prefix="parse")
 
-    async def handle(self, request: Request, model_name: str, adapter: Adapter) -> Response:
+    async def handle(self, request: Request, model_name: str, adapter: HttpAdapter) -> Response:
+        """An HTTP request's answer, with its stage timings in Server-Timing."""
+        response: Response = await self.answer(HttpCall(request, adapter), model_name, adapter)
+        response.headers["Server-Timing"] = server_timing(record_of(request).timings or {})
+        return response
+
+    async def answer(self, call: Call, model_name: str, adapter: Adapter) -> Any:
+        """The adapter's encoding of the answer; the stage timings are in `call.record`."""
         started = time.perf_counter()
         model = self.engine.model(model_name)  # UnknownModel 404, ModelUnavailable 503
-        async with self.admission.deadline(model.name):  # RequestTimedOut 504
-            payload = await self._read(request, adapter)  # BodyTimedOut 408, client gone 499
-            async with self.admission.admit(model.name), _cancelled_when_client_leaves(request):
+        async with self.admission.deadline(model.name, call.time_left):  # RequestTimedOut 504
+            payload = await self._read(call)  # BodyTimedOut 408, client gone 499
+            async with self.admission.admit(model.name), _cancelled_when_client_leaves(call):
                 if adapter.parses_body:
                     inputs = await self._in_pool(adapter.decode, payload, model, pool=self.parser)
                 else:
@@ -102,15 +148,13 @@ class Lifecycle:
                    "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                        total=(time.perf_counter() - started) * 1000)
-        record_of(request).timings = timings  # for the metrics and the access log
-        response = adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
-        response.headers["Server-Timing"] = server_timing(timings)
-        return response
+        call.record.timings = timings  # for the metrics, the access log and Server-Timing
+        return adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
 
-    async def _read(self, request: Request, adapter: Adapter) -> Any:
+    async def _read(self, call: Call) -> Any:
         try:
             async with asyncio.timeout(self.settings.body_timeout_seconds) as body_deadline:
-                return await adapter.read(request)
+                return await call.read()
         except TimeoutError:
             if not body_deadline.expired():  # the request's own, shorter deadline
                 raise
@@ -169,14 +213,14 @@ class Lifecycle:
 
 
 @asynccontextmanager
-async def _cancelled_when_client_leaves(request: Request) -> AsyncIterator[None]:
-    """Once the body is read, the only message left is the disconnect: when the client goes, stop
-    this request's work (what has not started never runs) and answer it as 499."""
+async def _cancelled_when_client_leaves(call: Call) -> AsyncIterator[None]:
+    """When the client goes, stop this request's work (what has not started never runs) and
+    answer it as 499."""
     task = asyncio.current_task()
     gone = asyncio.Event()
 
     async def watch() -> None:
-        if (await request.receive())["type"] == "http.disconnect":
+        if await call.client_left():
             gone.set()
             task.cancel()
 
