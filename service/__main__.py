@@ -15,9 +15,11 @@ once the HTTP listener is closed, it refuses new calls and waits up to GRACEFUL_
 those in progress (HTTP connections keep being served meanwhile) before the app shuts down.
 """
 import asyncio
+import functools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -66,19 +68,22 @@ class AdminServer(uvicorn.Server):
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float,
-                 admin: AdminServer | None = None, grpc: aio.Server | None = None) -> None:
+                 admin: AdminServer | None = None,
+                 grpc_server: Callable[[], aio.Server] | None = None) -> None:
         super().__init__(config)
         self.served_app = app
         self.drain_seconds = drain_seconds
         self.close_at: float | None = None
         self.admin = admin
-        self.grpc = grpc
+        self.grpc_server = grpc_server  # made on the server's own loop, as grpc.aio needs
+        self.grpc: aio.Server | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.admin is not None and self.started:
             await self.admin.startup()
-        if self.grpc is not None and self.started:
+        if self.grpc_server is not None and self.started:
+            self.grpc = self.grpc_server()
             await self.grpc.start()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -154,7 +159,7 @@ def main() -> None:
                                           settings, lifespan="off", log_config=None))
     grpc = None
     if settings.grpc_port:
-        grpc = grpc_server(data_plane(app), limits, app.title, app.version)
+        grpc = functools.partial(grpc_server, data_plane(app), limits, app.title, app.version)
     logging.getLogger("service.connections").info(
         "up to %d connections (%d open files allowed); admin port %s; gRPC port %s",
         limits.max_connections, limits.descriptors, settings.admin_port or "off",
