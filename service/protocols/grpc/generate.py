@@ -16,6 +16,10 @@ def generate(out: Path = ROOT) -> None:
                           f"--pyi_out={out}", f"--grpc_python_out={out}", *protos])
     if status != 0:
         raise SystemExit(f"protoc failed with status {status}")
+    for proto in PROTOS:  # into the package's own descriptor pool (see proto/__init__.py)
+        module = out / proto.relative_to(ROOT).with_name(proto.stem + "_pb2.py")
+        module.write_text(module.read_text().replace(
+            "_descriptor_pool.Default()", "__import__('service.protocols.grpc.proto').protocols.grpc.proto.POOL"))
 
 
 if __name__ == "__main__":
