@@ -36,14 +36,16 @@ class Admission:
         return self._in_flight[model]
 
     @asynccontextmanager
-    async def deadline(self, model: str, client_timeout: float | None = None) -> AsyncIterator[None]:
+    async def deadline(self, model: str, client_timeout: float | None = None
+                       ) -> AsyncIterator[asyncio.Timeout]:
         """Cancel the body at the request's deadline, as RequestTimedOut: REQUEST_TIMEOUT_SECONDS,
-        or the client's own (a gRPC deadline) where that comes first."""
+        or the client's own (a gRPC deadline) where that comes first; the body may move the
+        deadline (`reschedule`) while a stage with its own, shorter one runs."""
         timeout = self.timeout_seconds if client_timeout is None else min(client_timeout,
                                                                            self.timeout_seconds)
         try:
             async with asyncio.timeout(timeout) as deadline:
-                yield
+                yield deadline
         except TimeoutError:
             if not deadline.expired():
                 raise

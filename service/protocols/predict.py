@@ -2,6 +2,7 @@
 import base64
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -23,7 +24,8 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
         "file": {"type": "string", "format": "binary"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
 
 
 class Prediction(BaseModel):
@@ -47,6 +49,8 @@ class ImageInfo(BaseModel):
 class Timings(BaseModel):
     """Milliseconds per stage of this request; `total` runs from the route's start to its end."""
 
+    load: float | None = Field(None, description="Only when this request loaded the model "
+                                                "(MAX_LOADED_MODELS had left it out).")
     decode: float
     preprocess: float
     queue: float = Field(description="Wait for a free inference worker.")
@@ -56,6 +60,7 @@ class Timings(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
+    version: str = Field(description="The model version that answered.")
     weights: WeightsInfo
     predictions: list[Prediction]
     image: ImageInfo
@@ -93,10 +98,12 @@ class PredictAdapter:
         return Inputs(images=[payload], options=self.top_k or min(self.default_top_k, classes))
 
     def encode(self, result: Result) -> Response:
-        model, image = result.model, result.images[0]
+        model = result.model
+        image = result.images[0]
         predictions = [Prediction(label=model.labels[i], class_id=i, probability=p) for i, p in
                        best_classes(result.outputs[0], model.metadata.output.kind, result.options)]
-        body = PredictResponse(model=model.name, weights=weights_info(model.metadata), predictions=predictions,
+        body = PredictResponse(model=model.name, version=model.version,
+                               weights=weights_info(model.metadata), predictions=predictions,
                                image=ImageInfo(width=image.width, height=image.height,
                                                format=image.format),
                                timings_ms=Timings(**result.timings),
@@ -131,11 +138,13 @@ async def predict(model: str, request: Request,
                   top_k: int | None = Query(None, description="How many classes to return "
                                             "(1 .. the model's class count); default TOP_K."),
                   input_image: bool = Query(False, description="Also return the image as the model "
-                                            "saw it (resized and cropped), as a PNG data URL.")
+                                            "saw it (resized and cropped), as a PNG data URL."),
+                  version: str | None = Query(None, description="The model version to use; default: "
+                                              "the newest ready one.")
                   ) -> Response:
     plane = data_plane(request)
     adapter = PredictAdapter(top_k, plane.settings.top_k, input_image)
-    return await plane.lifecycle.handle(request, model, adapter)
+    return await plane.lifecycle.handle(request, model, adapter, version)
 
 
 for method, upload in (("POST", "multipart field file, or raw body"), ("PUT", "raw body, as curl -T sends it")):

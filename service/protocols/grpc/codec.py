@@ -23,7 +23,6 @@ from service.protocols.open_inference.codec import (
     decode_parsed,
     encode_output,
 )
-from service.protocols.open_inference.routes import VERSION
 from service.protocols.open_inference.wire import InferenceRequest
 
 
@@ -61,7 +60,7 @@ def decode(message: ModelInferRequest, meta: ModelMetadata, max_values: int, max
 def encode(result: Result) -> ModelInferResponse:
     decoded: DecodedRequest = result.options
     model = result.model
-    answer = ModelInferResponse(model_name=model.name, model_version=VERSION,
+    answer = ModelInferResponse(model_name=model.name, model_version=model.version,
                                 id=decoded.body.id or "")
     for wanted in decoded.wanted:
         output, raw = encode_output(wanted, result.outputs, model.metadata, model.labels)

@@ -20,7 +20,7 @@ from grpc import aio
 
 from service.auth import check_api_key
 from service.dataplane import DataPlane
-from service.errors import ClientClosedRequest, RequestTimedOut, ServiceError, UnknownModelVersion
+from service.errors import ClientClosedRequest, RequestTimedOut, ServiceError
 from service.lifecycle import Inputs, Result
 from service.metrics import UNKNOWN_MODEL, server_timing
 from service.middleware import SAFE_REQUEST_ID
@@ -29,7 +29,7 @@ from service.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from service.protocols.grpc.proto import triton_extensions_pb2 as triton
 from service.protocols.grpc.status import grpc_status
 from service.protocols.open_inference.codec import DATATYPES, IMAGE_INPUT, wire_shape
-from service.protocols.open_inference.routes import EXTENSIONS, PLATFORM, VERSION
+from service.protocols.open_inference.routes import EXTENSIONS, PLATFORM
 from service.protocols.open_inference.triton_extensions import model_config, model_statistics
 from service.record import RequestRecord
 
@@ -98,9 +98,10 @@ class InferenceServicer:
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         meta = self._served(request.name, request.version).metadata
+        versions = [v for v, state in self.plane.engine.versions[request.name].items() if state.served]
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=request.name, versions=[VERSION], platform=PLATFORM,
+            name=request.name, versions=versions, platform=PLATFORM,
             inputs=[tensor(name=meta.input.name, datatype=DATATYPES[meta.input.dtype],
                            shape=wire_shape(meta.input.shape)),
                     tensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])],
@@ -113,29 +114,29 @@ class InferenceServicer:
         return triton.ModelConfigResponse(config=json_format.ParseDict(config, triton.ModelConfig()))
 
     async def ModelStatistics(self, request, context) -> triton.ModelStatisticsResponse:
-        if request.version and request.version != VERSION:
-            raise UnknownModelVersion(request.name, request.version, [VERSION])
-        stats = model_statistics(self.plane, request.name or None, VERSION)
+        stats = model_statistics(self.plane, request.name or None, request.version or None)
         return json_format.ParseDict(stats, triton.ModelStatisticsResponse())
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context, record: RequestRecord
                          ) -> pb.ModelInferResponse:
         record.model = request.model_name
         check_api_key(self.plane.settings.api_key, dict(context.invocation_metadata() or ()))
-        self._served(request.model_name, request.model_version)
         call = GrpcCall(request, context, record)
         try:
-            return await self.plane.lifecycle.answer(call, request.model_name, self.adapter)
+            with self.plane.budget.account() as account:
+                record.memory = account
+                account.reserve(request.ByteSize())  # grpc.aio holds the message already
+                answer = await self.plane.lifecycle.answer(call, request.model_name, self.adapter,
+                                                           request.model_version or None)
+                account.reserve(answer.ByteSize())  # MemoryExhausted 503, as on HTTP
+                return answer
         finally:
             if record.timings:
                 context.set_trailing_metadata((("server-timing", server_timing(record.timings)),
                                                ("x-request-id", record.request_id)))
 
     def _served(self, name: str, version: str):
-        served = self.plane.engine.model(name)
-        if version and version != VERSION:
-            raise UnknownModelVersion(name, version, [VERSION])
-        return served
+        return self.plane.engine.model(name, version or None)
 
     # Around every RPC: the record, the error's status, the log line and the metrics ---------
     def handler(self, method: str) -> Callable[[Any, aio.ServicerContext], Awaitable[Any]]:
@@ -175,7 +176,7 @@ class InferenceServicer:
                 record.model = UNKNOWN_MODEL
             self.plane.metrics.observe_request(record.model, record.status,
                                                record.timings if record.status == 200 else None,
-                                               protocol="grpc")
+                                               protocol="grpc")  # no trace: gRPC is not traced yet
         timings = record.timings or {"total": record.elapsed_ms()}
         stages = " ".join(f"{k}={v:.1f}ms" for k, v in timings.items())
         log.info("GRPC /%s/%s request_id=%s%s status=%d %s", SERVICE, method, record.request_id,

@@ -32,12 +32,13 @@ def model_config(served: ServedModel, max_batch_size: int) -> dict:
             "output": [tensor(meta.output)]}
 
 
-def model_statistics(plane: DataPlane, name: str | None, version: str) -> dict:
-    """Every model's statistics, or the named one's (UnknownModel if none is so named)."""
+def model_statistics(plane: DataPlane, name: str | None, version: str | None) -> dict:
+    """Every model's statistics, or the named one's (UnknownModel if none is so named). Counted per
+    model over its versions; `version` only names them in the answer."""
     names = sorted(plane.engine.models)
     if name is not None and name not in plane.engine.models:
         raise UnknownModel(name, names)
-    return {"model_stats": [_statistics(model, version, plane.metrics.totals(model))
+    return {"model_stats": [_statistics(model, version or "", plane.metrics.totals(model))
                             for model in ([name] if name else names)]}
 
 
