@@ -44,7 +44,7 @@ def decode(message: ModelInferRequest, meta: ModelMetadata, max_values: int, max
               "parameters": {**_parameters(message.parameters), "binary_data_output": True},
               "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
                           "parameters": {**_parameters(t.parameters), "binary_data_size": len(b)}}
-                         for t, b in zip(message.inputs, binary)],
+                         for t, b in zip(message.inputs, binary, strict=True)],
               "outputs": [{"name": o.name, "parameters": _parameters(o.parameters)}
                           for o in message.outputs] or None}
     try:

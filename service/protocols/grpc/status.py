@@ -37,6 +37,9 @@ GRPC_STATUS: dict[str, StatusCode] = {
     "bad_http_request": StatusCode.INVALID_ARGUMENT,
     "invalid_multipart": StatusCode.INVALID_ARGUMENT,
     "shutting_down": StatusCode.UNAVAILABLE,
+    "memory_exhausted": StatusCode.UNAVAILABLE,  # retryable, as its 503 with Retry-After
+    "model_control_disabled": StatusCode.FAILED_PRECONDITION,
+    "model_load_failed": StatusCode.INVALID_ARGUMENT,  # its 400: the load request is at fault
 }
 
 
