@@ -7,13 +7,14 @@
 A protocol is an `Adapter` (`service/protocols/`): it reads its wire format into `Inputs` and writes
 a `Result` back in its wire format, and nothing else. What carries the request is a `Call`: an HTTP
 request (`HttpCall`) or a gRPC call (service/protocols/grpc/); the lifecycle asks it only for the
-payload, whether the client has left, the client's own deadline and the request's record.
-Every bound is enforced here, once, for all protocols: body bytes (the limit middleware counts
-what `read` receives) and the time the body may take (within the request's deadline: a body that stalls is 408, not 504), images per request,
-pixels per image and per request, the memory the request holds (`service/budget.py`: its body, each
-image's working memory, its answer), in-flight requests per model and the request's deadline. Past
-the deadline, or once the client has gone, none of the request's remaining work runs: images not
-yet decoded are not decoded, and its place in the batch queue is dropped.
+payload, whether the client has left, the client's own deadline and the request's record. Every
+bound is enforced here, once, for all protocols: body bytes (the limit middleware counts what `read`
+receives) and the time the body may take (within the request's deadline: a body that stalls is 408,
+not 504), images per request, pixels per image and per request, the memory the request holds
+(`service/budget.py`: its body, each image's working memory, its answer), in-flight requests per
+model and the request's deadline. Past the deadline, or once the client has gone, none of the
+request's remaining work runs: images not yet decoded are not decoded, and its place in the batch
+queue is dropped.
 
 Bodies are parsed and images decoded in pools whose threads are shared fairly between models
 (`service/fair_pool.py`), so one model's expensive requests cannot starve another's.

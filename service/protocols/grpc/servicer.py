@@ -70,9 +70,9 @@ class GrpcCall:
         return self.message
 
     async def client_left(self) -> bool:
-        done = asyncio.get_running_loop().create_future()
-        self.context.add_done_callback(lambda _: done.done() or done.set_result(None))
-        await done
+        done = asyncio.Event()
+        self.context.add_done_callback(lambda _: done.set())
+        await done.wait()
         return self.context.cancelled()
 
 
@@ -183,14 +183,16 @@ class InferenceServicer:
                  f" model={record.model}" if record.model else "", record.status, stages)
 
 
-METHODS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-           "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-           "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-           "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-           "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-           "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
-           "ModelConfig": (triton.ModelConfigRequest, triton.ModelConfigResponse),
-           "ModelStatistics": (triton.ModelStatisticsRequest, triton.ModelStatisticsResponse)}
+METHODS: dict[str, tuple[Any, Any]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "ModelConfig": (triton.ModelConfigRequest, triton.ModelConfigResponse),
+    "ModelStatistics": (triton.ModelStatisticsRequest, triton.ModelStatisticsResponse),
+}
 
 
 def inference_service(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

@@ -1,13 +1,15 @@
 """Triton's statistics and model-configuration extensions over REST, in Triton's JSON shapes
 (service/protocols/open_inference/triton_extensions.py), for tools that read them (perf_analyzer
 asks `GET /v2/models/stats` and the model's config)."""
+from typing import Any
+
 from fastapi import APIRouter, Request
 
 from service.dataplane import data_plane
 from service.error_responses import ErrorBody
 from service.protocols.open_inference.triton_extensions import model_config, model_statistics
 
-ERRORS = {code: {"model": ErrorBody} for code in (404, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (404, 503)}
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
