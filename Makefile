@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test test-fast bench docs lint lock clean docker docker-setup ci
+.PHONY: setup export run test test-fast bench docs grpc-stubs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ test-fast: setup
 # docs/settings.md's table, from the Settings fields; tests/test_docs.py fails until it is rewritten.
 docs: setup
 	$(BIN)/python -m docs.settings_page
+
+# The gRPC stubs beside service/protocols/grpc/proto/*.proto; tests/test_grpc_codec.py checks them.
+grpc-stubs: setup
+	$(BIN)/python -m service.protocols.grpc.generate
 
 # Lint (ruff) and types (mypy), as configured in pyproject.toml; CI runs this before the tests.
 # Both run whatever the first finds, so one run lists every finding.

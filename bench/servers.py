@@ -109,11 +109,13 @@ class ServerProcess:
         self.url = f"http://{self.host}:{self.port}"
         self.admin_port = free_port()
         self.admin_url = f"http://{self.host}:{self.admin_port}"
+        self.grpc_port = free_port()
+        self.grpc_address = f"{self.host}:{self.grpc_port}"
         self.log = log
         # What a reader recognises in a failure: "python -m service", not a virtualenv's path.
         self.name = " ".join([Path(command[0]).name, *command[1:3]])
         environment = {**os.environ, "HOST": self.host, "PORT": str(self.port),
-                       "ADMIN_PORT": str(self.admin_port), **(env or {})}
+                       "ADMIN_PORT": str(self.admin_port), "GRPC_PORT": str(self.grpc_port), **(env or {})}
         self.started = time.perf_counter()
         with log.open("wb") as output:  # the child keeps its own copy of the handle
             self.process = subprocess.Popen(command, env=environment, cwd=cwd, stdout=output,

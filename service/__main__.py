@@ -8,16 +8,24 @@ Connections are served by service/connections.py's protocol, which bounds what c
 The admin listener (ADMIN_PORT) answers probes and scrapes on the same event loop and the same app,
 but with its own connections: it starts with the main listener and stops after it, so health keeps
 answering while the service drains (readiness 503, liveness 200).
+
+The gRPC server (GRPC_PORT, service/protocols/grpc/) serves the same data plane on the same loop: it
+starts once the app has started, its health says NOT_SERVING from the drain on, and at shutdown,
+once the HTTP listener is closed, it refuses new calls and waits up to GRACEFUL_SHUTDOWN_SECONDS for
+those in progress (HTTP connections keep being served meanwhile) before the app shuts down.
 """
 import asyncio
+import functools
 import logging
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from grpc import aio
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import LOGGING_CONFIG, LifespanType
 from uvicorn.lifespan.off import LifespanOff
@@ -26,6 +34,7 @@ from service.app import create_app
 from service.connections import ConnectionLimits, admin_limits, bounded_http_protocol, connection_limits
 from service.dataplane import data_plane
 from service.error_responses import json_response
+from service.protocols.grpc.server import grpc_server
 from service.settings import Settings
 
 # What the admin listener serves: answers that cost little, whatever the load.
@@ -61,17 +70,23 @@ class AdminServer(uvicorn.Server):
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float,
-                 admin: AdminServer | None = None) -> None:
+                 admin: AdminServer | None = None,
+                 grpc_server: Callable[[], aio.Server] | None = None) -> None:
         super().__init__(config)
         self.served_app = app
         self.drain_seconds = drain_seconds
         self.close_at: float | None = None
         self.admin = admin
+        self.grpc_server = grpc_server  # made on the server's own loop, as grpc.aio needs
+        self.grpc: aio.Server | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.admin is not None and self.started:
             await self.admin.startup()
+        if self.grpc_server is not None and self.started:
+            self.grpc = self.grpc_server()
+            await self.grpc.start()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         data_plane(self.served_app).drain()
@@ -100,6 +115,8 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         for conn in waiting:
             await loop.connect_accepted_socket(self._protocol, conn)
+        if self.grpc is not None:  # before the app's shutdown closes the engine its calls use
+            await self.grpc.stop(self.config.timeout_graceful_shutdown)
         await super().shutdown(sockets)
         if self.admin is not None and self.admin.started:
             await self.admin.shutdown()
@@ -150,10 +167,14 @@ def main() -> None:
         # log_config=None: the main config has set logging up already.
         admin = AdminServer(server_config(admin_app(app), settings.admin_port, admin_limits(limits),
                                           settings, lifespan="off", log_config=None))
+    grpc = None
+    if settings.grpc_port:
+        grpc = functools.partial(grpc_server, data_plane(app), limits, app.title, app.version)
     logging.getLogger("service.connections").info(
-        "up to %d connections (%d open files allowed); admin port %s", limits.max_connections,
-        limits.descriptors, settings.admin_port or "off")
-    DrainingServer(config, app, settings.drain_seconds, admin).run()
+        "up to %d connections (%d open files allowed); admin port %s; gRPC port %s",
+        limits.max_connections, limits.descriptors, settings.admin_port or "off",
+        settings.grpc_port or "off")
+    DrainingServer(config, app, settings.drain_seconds, admin, grpc).run()
 
 
 if __name__ == "__main__":

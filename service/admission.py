@@ -36,17 +36,21 @@ class Admission:
         return self._in_flight[model]
 
     @asynccontextmanager
-    async def deadline(self, model: str) -> AsyncIterator[asyncio.Timeout]:
-        """Cancel the body at the request's deadline, as RequestTimedOut; the body may move the
+    async def deadline(self, model: str, client_timeout: float | None = None
+                       ) -> AsyncIterator[asyncio.Timeout]:
+        """Cancel the body at the request's deadline, as RequestTimedOut: REQUEST_TIMEOUT_SECONDS,
+        or the client's own (a gRPC deadline) where that comes first; the body may move the
         deadline (`reschedule`) while a stage with its own, shorter one runs."""
+        timeout = self.timeout_seconds if client_timeout is None else min(client_timeout,
+                                                                           self.timeout_seconds)
         try:
-            async with asyncio.timeout(self.timeout_seconds) as deadline:
+            async with asyncio.timeout(timeout) as deadline:
                 yield deadline
         except TimeoutError:
             if not deadline.expired():
                 raise
             self.timed_out.labels(model=model).inc()
-            raise RequestTimedOut(model, self.timeout_seconds) from None
+            raise RequestTimedOut(model, timeout) from None
 
     @asynccontextmanager
     async def admit(self, model: str) -> AsyncIterator[None]:

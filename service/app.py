@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
 from service.model_control import by_model
 from service.protocols import open_inference, predict
+from service.protocols.open_inference import extensions
 from service.settings import Settings
 from service.tracing import Tracing
 
@@ -52,8 +53,10 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
     plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
-    for router in (predict.router, open_inference.router, open_inference.inference_router,
-                   open_inference.repository_router, status.router, page.router):
+    # The extensions first: /v2/models/stats is not the metadata of a model named "stats".
+    for router in (predict.router, extensions.router, open_inference.router,
+                   open_inference.inference_router, open_inference.repository_router,
+                   status.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")
     # Added innermost first: the request record sees every answer, the body limit only the app's reads.

@@ -5,13 +5,16 @@
     → batch and infer → encode the answer (postprocessing, e.g. top-k, is the protocol's)
 
 A protocol is an `Adapter` (`service/protocols/`): it reads its wire format into `Inputs` and writes
-a `Result` back in its wire format, and nothing else. Every bound is enforced here, once, for all
-protocols: body bytes (the limit middleware counts what `read` receives) and the time the body may
-take (within the request's deadline: a body that stalls is 408, not 504), images per request,
-pixels per image and per request, the memory the request holds (`service/budget.py`: its body, each
-image's working memory, its answer), in-flight requests per model and the request's deadline. Past
-the deadline, or once the client has gone, none of the request's remaining work runs: images not
-yet decoded are not decoded, and its place in the batch queue is dropped.
+a `Result` back in its wire format, and nothing else. What carries the request is a `Call`: an HTTP
+request (`HttpCall`) or a gRPC call (service/protocols/grpc/); the lifecycle asks it only for the
+payload, whether the client has left, the client's own deadline and the request's record. Every
+bound is enforced here, once, for all protocols: body bytes (the limit middleware counts what `read`
+receives) and the time the body may take (within the request's deadline: a body that stalls is 408,
+not 504), images per request, pixels per image and per request, the memory the request holds
+(`service/budget.py`: its body, each image's working memory, its answer), in-flight requests per
+model and the request's deadline. Past the deadline, or once the client has gone, none of the
+request's remaining work runs: images not yet decoded are not decoded, and its place in the batch
+queue is dropped.
 
 Bodies are parsed and images decoded in pools whose threads are shared fairly between models
 (`service/fair_pool.py`), so one model's expensive requests cannot starve another's.
@@ -41,7 +44,7 @@ from service.errors import BodyTimedOut, ClientClosedRequest, TooManyImages, Too
 from service.fair_pool import FairPool
 from service.metrics import server_timing
 from service.preprocess import PreparedImage
-from service.record import record_of
+from service.record import RequestRecord, record_of
 from service.settings import Settings
 from service.tracing import Stage, measured_stages
 
@@ -75,14 +78,51 @@ class Adapter(Protocol):
 
     parses_body: bool  # decode parses the body (JSON, base64), so it runs off the event loop
 
-    async def read(self, request: Request) -> Any:
-        """The request's payload, read from the body."""
-
     def decode(self, payload: Any, model: ServedModel) -> Inputs:
         """The payload as Inputs; raises a ServiceError saying what is wrong with it."""
 
-    def encode(self, result: Result) -> Response:
-        """The result in the protocol's wire format."""
+    def encode(self, result: Result) -> Any:
+        """The result in the protocol's wire format (an HTTP Response, a protobuf message)."""
+
+
+class HttpAdapter(Adapter, Protocol):
+    async def read(self, request: Request) -> Any:
+        """The request's payload, read from the body."""
+
+
+class Call(Protocol):
+    """One request as the lifecycle sees it, whatever transport carries it."""
+
+    time_left: float | None  # seconds the client still waits for its answer; None: no deadline
+
+    @property
+    def record(self) -> RequestRecord:
+        """The request's record: its memory account; the lifecycle writes its timings there."""
+
+    async def read(self) -> Any:
+        """The payload, for the adapter's decode; ClientDisconnect if the client leaves meanwhile."""
+
+    async def client_left(self) -> bool:
+        """Called once the payload is read: returns True when the client leaves, False if it
+        can no longer tell."""
+
+
+@dataclass
+class HttpCall:
+    request: Request
+    adapter: HttpAdapter
+    time_left: float | None = None  # HTTP carries no deadline of the client's
+
+    @property
+    def record(self) -> RequestRecord:
+        return record_of(self.request)
+
+    async def read(self) -> Any:
+        return await self.adapter.read(self.request)
+
+    async def client_left(self) -> bool:
+        # Once the body is read, the only message left is the disconnect.
+        return (await self.request.receive())["type"] == "http.disconnect"
 
 
 class Lifecycle:
@@ -94,17 +134,27 @@ class Lifecycle:
         # back. Two threads, so that one model's slow bodies never hold up another model's.
         self.parser = FairPool(PARSER_THREADS, "parse", per_model=1)
 
-    async def handle(self, request: Request, model_name: str, adapter: Adapter,
+    async def handle(self, request: Request, model_name: str, adapter: HttpAdapter,
                      version: str | None = None) -> Response:
+        """An HTTP request's answer, with its stage timings in Server-Timing."""
+        response: Response = await self.answer(HttpCall(request, adapter), model_name, adapter, version)
+        record_of(request).memory.reserve(len(response.body))  # held until sent: MemoryExhausted 503
+        response.headers["Server-Timing"] = server_timing(record_of(request).timings or {})
+        return response
+
+    async def answer(self, call: Call, model_name: str, adapter: Adapter,
+                     version: str | None = None) -> Any:
+        """The adapter's encoding of the answer; the stage timings are in `call.record`."""
         started = time.perf_counter()
         # UnknownModel or UnknownModelVersion 404, ModelUnavailable 503; loaded first if evicted
         model, load_ms = await self.engine.acquire(model_name, version)
-        account: RequestAccount = record_of(request).memory  # the body is reserved as it is read
-        async with self.admission.deadline(model.name) as deadline, self.engine.in_use(model):  # 504
+        account: RequestAccount = call.record.memory  # the body is reserved as it is read
+        async with self.admission.deadline(model.name, call.time_left) as deadline, \
+                self.engine.in_use(model):  # 504
             read_at = time.perf_counter()
-            payload = await self._read(request, adapter, deadline)  # BodyTimedOut 408, gone 499
+            payload = await self._read(call, deadline)  # BodyTimedOut 408, gone 499
             read = Stage(read_at, (time.perf_counter() - read_at) * 1000)
-            async with self.admission.admit(model.name), _cancelled_when_client_leaves(request):
+            async with self.admission.admit(model.name), _cancelled_when_client_leaves(call):
                 if adapter.parses_body:
                     inputs = await self.parser.run(model.name, adapter.decode, payload, model)
                 else:
@@ -117,18 +167,16 @@ class Lifecycle:
                         "preprocess": sum(i.preprocess_ms for i in images)} if images else {})
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                        total=(time.perf_counter() - started) * 1000)
-        record = record_of(request)
-        record.timings = timings  # for the metrics, the access log and the trace
+        record = call.record
+        record.timings = timings  # for the metrics, the access log, the trace and Server-Timing
         encode_at = time.perf_counter()
-        response = adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
+        answer = adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
         record.stages = measured_stages(read, images, inference, timings, encode_at)
         record.batch = inference
         record.attributes.update(_attributes(model, adapter, images))
-        account.reserve(len(response.body))  # held until it is sent: MemoryExhausted 503
-        response.headers["Server-Timing"] = server_timing(timings)
-        return response
+        return answer
 
-    async def _read(self, request: Request, adapter: Adapter, deadline: asyncio.Timeout) -> Any:
+    async def _read(self, call: Call, deadline: asyncio.Timeout) -> Any:
         """The body, within BODY_TIMEOUT_SECONDS and the request's own deadline: either way a body
         that does not arrive in time is the client's fault (408), not the server's (504)."""
         ends = deadline.when()
@@ -136,7 +184,7 @@ class Lifecycle:
         deadline.reschedule(None)  # the body's deadline below ends no later
         try:
             async with asyncio.timeout(allowed) as body_deadline:
-                return await adapter.read(request)
+                return await call.read()
         except TimeoutError:
             if not body_deadline.expired():
                 raise
@@ -208,14 +256,14 @@ def _attributes(model: ServedModel, adapter: Adapter, images: list[PreparedImage
 
 
 @asynccontextmanager
-async def _cancelled_when_client_leaves(request: Request) -> AsyncIterator[None]:
-    """Once the body is read, the only message left is the disconnect: when the client goes, stop
-    this request's work (what has not started never runs) and answer it as 499."""
+async def _cancelled_when_client_leaves(call: Call) -> AsyncIterator[None]:
+    """When the client goes, stop this request's work (what has not started never runs) and
+    answer it as 499."""
     task = asyncio.current_task()
     gone = asyncio.Event()
 
     async def watch() -> None:
-        if (await request.receive())["type"] == "http.disconnect":
+        if await call.client_left():
             gone.set()
             task.cancel()
 

@@ -26,6 +26,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 UNKNOWN_MODEL = "_unknown"  # label for requests naming no served model, so labels stay bounded
 # The statuses the alert rules (deploy/prometheus/alerts.yml) divide by.
 ALERTED_STATUSES = ("200", "500", "503", "504")
+PROTOCOLS = ("http", "grpc")  # what carried a prediction: /predict and REST OIP, or gRPC OIP
 # Where a container's memory limit is read: cgroup v2, then v1 (which writes "none" as about 2**63).
 CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
                         Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
@@ -40,9 +41,22 @@ class _ModelStats:
     statuses: dict[int, int] = field(default_factory=dict)
     batch_sizes: dict[int, int] = field(default_factory=dict)  # session.run calls per batch size
     stages: dict[str, deque] = field(default_factory=dict)
+    totals: "ModelTotals" = field(default_factory=lambda: ModelTotals())
 
     def __post_init__(self) -> None:
         self.stages = {stage: deque(maxlen=self.window) for stage in STAGES}
+
+
+@dataclass
+class ModelTotals:
+    """Since start: what Triton's statistics extension reports (service/protocols/open_inference/
+    statistics.py), kept apart from the window, which forgets."""
+
+    succeeded: int = 0
+    failed: int = 0
+    last_inference: float | None = None  # wall-clock seconds of the last successful prediction
+    stage_ms: dict[str, float] = field(default_factory=dict)  # summed over successful predictions
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # session.run calls per batch size (since start)
 
 
 class Metrics:
@@ -53,8 +67,9 @@ class Metrics:
             "cnn_serve_stage_duration_seconds", "Time per request stage (decode, preprocess, queue, "
             "inference, total) of successful predictions", ["model", "stage"],
             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.requests = Counter("cnn_serve_requests", "Prediction requests by model and HTTP status",
-                                ["model", "status"], registry=self.registry)
+        self.requests = Counter("cnn_serve_requests", "Prediction requests by model, HTTP status "
+                                "(a gRPC answer counts as the HTTP status of its error) and protocol",
+                                ["model", "status", "protocol"], registry=self.registry)
         self.in_flight = Gauge("cnn_serve_requests_in_flight", "Requests being handled now",
                                registry=self.registry)
         self.batch_size = Histogram("cnn_serve_batch_size", "Realised batch size per session.run",
@@ -86,15 +101,16 @@ class Metrics:
         requests hides them from rate(), so a short burst never reaches a dashboard or an alert."""
         for model in models:
             for status in ALERTED_STATUSES:
-                self.requests.labels(model=model, status=status)
+                for protocol in PROTOCOLS:
+                    self.requests.labels(model=model, status=status, protocol=protocol)
             for stage in STAGES:
                 self.stage_seconds.labels(model=model, stage=stage)
 
     def observe_request(self, model: str, status: int, timings_ms: dict[str, float] | None,
-                        trace_ids: tuple[str, str] | None = None) -> None:
+                        trace_ids: tuple[str, str] | None = None, protocol: str = "http") -> None:
         """Record one finished prediction request; timings only for successful ones. A traced
         request's trace id becomes the exemplar of the buckets it lands in (OpenMetrics only)."""
-        self.requests.labels(model=model, status=str(status)).inc()
+        self.requests.labels(model=model, status=str(status), protocol=protocol).inc()
         now = time.monotonic()
         with self._lock:
             stats = self._stats.setdefault(model, _ModelStats(self._window))
@@ -102,8 +118,13 @@ class Metrics:
             if status < 400:  # throughput counts answered predictions, not refusals
                 stats.first = stats.first or now
                 stats.last = now
+                stats.totals.succeeded += 1
+                stats.totals.last_inference = time.time()
+            else:
+                stats.totals.failed += 1
             for stage, ms in (timings_ms or {}).items():
                 stats.stages[stage].append(ms)
+                stats.totals.stage_ms[stage] = stats.totals.stage_ms.get(stage, 0.0) + ms
         exemplar = {"trace_id": trace_ids[0], "span_id": trace_ids[1]} if trace_ids else None
         for stage, ms in (timings_ms or {}).items():
             self.stage_seconds.labels(model=model, stage=stage).observe(ms / 1000, exemplar)
@@ -121,6 +142,16 @@ class Metrics:
             self.model_startup_seconds.labels(model=model, phase="load").set(load_ms / 1000)
         if warmup_ms is not None:
             self.model_startup_seconds.labels(model=model, phase="warmup").set(warmup_ms / 1000)
+
+    def totals(self, model: str) -> ModelTotals:
+        """A copy of the model's counts since start (all zero before its first request)."""
+        with self._lock:
+            stats = self._stats.get(model)
+            if stats is None:
+                return ModelTotals()
+            t = stats.totals
+            return ModelTotals(t.succeeded, t.failed, t.last_inference, dict(t.stage_ms),
+                               dict(stats.batch_sizes))
 
     def observe_load(self, model: str, version: str, seconds: float, outcome: str) -> None:
         self.model_loads.labels(model=model, version=version, outcome=outcome).inc()

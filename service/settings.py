@@ -143,6 +143,11 @@ class Settings(BaseSettings):
                                           "own connection cap, so probes and scrapes are answered "
                                           "when clients hold every connection of PORT. 0: no admin "
                                           "listener.")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Port of the Open Inference Protocol over gRPC "
+                                          "(inference.GRPCInferenceService and grpc.health.v1), on "
+                                          "HOST; its messages are bounded by MAX_BODY_BYTES, its "
+                                          "connections by MAX_CONNECTIONS. 0: no gRPC listener.")
     api_key: SecretStr | None = Field(
         None, description="When set, predictions need `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
     cors_origins: str = Field(

@@ -39,6 +39,7 @@ NEEDS_OF_FILES = {
     "test_container.py": ("container", "export"),  # the image build runs the export
     "test_deploy.py": ("e2e", "container", "tool"),
     "test_hostile_connections.py": ("e2e",),
+    "test_grpc.py": ("e2e",),
     "test_hostile_requests.py": ("e2e",),
     "test_keras_mobilenet.py": ("slow",),
     "test_kubernetes.py": ("tool",),

@@ -55,6 +55,13 @@ def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata,
     checked against `max_images` before the data is read, so no body costs more parse work than
     the limits allow, whatever it holds."""
     request, binary = _split_body(body, header_length, max_json_values)
+    return decode_parsed(request, binary, meta, max_images)
+
+
+def decode_parsed(request: InferenceRequest, binary: bytes, meta: ModelMetadata,
+                  max_images: int = 16) -> DecodedRequest:
+    """A request whose header is parsed already (from JSON, or from gRPC's protobuf), its binary
+    data apart, checked against the model's metadata."""
     wanted = _wanted_outputs(request, meta)
     if len(request.inputs) != 1:
         raise InvalidInferenceRequest(

@@ -1,0 +1,213 @@
+"""`inference.GRPCInferenceService`: the Open Inference Protocol's RPCs and Triton's ModelConfig and
+ModelStatistics, over the same data plane as the REST routes. ModelInfer goes through the one
+lifecycle (`Lifecycle.answer`) as a `GrpcCall`: the message is the payload, the client's deadline
+counts with REQUEST_TIMEOUT_SECONDS (the smaller wins), and a client that cancels stops its work.
+
+Every RPC gets a request record, an access-log line and, for ModelInfer, the per-model metrics
+(protocol="grpc", status as the HTTP status of the same answer); an error answers with its gRPC
+status (status.py), its stable code in the trailing metadata as `code`, and its message.
+"""
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc import aio
+
+from service.auth import check_api_key
+from service.dataplane import DataPlane
+from service.errors import ClientClosedRequest, RequestTimedOut, ServiceError
+from service.lifecycle import Inputs, Result
+from service.metrics import UNKNOWN_MODEL, server_timing
+from service.middleware import SAFE_REQUEST_ID
+from service.protocols.grpc import codec
+from service.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
+from service.protocols.grpc.proto import triton_extensions_pb2 as triton
+from service.protocols.grpc.status import grpc_status
+from service.protocols.open_inference.codec import DATATYPES, IMAGE_INPUT, wire_shape
+from service.protocols.open_inference.routes import EXTENSIONS, PLATFORM
+from service.protocols.open_inference.triton_extensions import model_config, model_statistics
+from service.record import RequestRecord
+
+SERVICE = "inference.GRPCInferenceService"
+log = logging.getLogger("service.access")
+
+
+@dataclass(frozen=True)
+class InferAdapter:
+    """ModelInfer's wire format for the lifecycle (service/lifecycle.py's `Adapter`)."""
+
+    max_values: int
+    max_images: int
+    parses_body = True  # protobuf to arrays (typed contents) runs off the event loop
+
+    def decode(self, payload: pb.ModelInferRequest, model) -> Inputs:
+        return codec.inputs(codec.decode(payload, model.metadata, self.max_values, self.max_images))
+
+    def encode(self, result: Result) -> pb.ModelInferResponse:
+        return codec.encode(result)
+
+
+@dataclass
+class GrpcCall:
+    """A ModelInfer call as the lifecycle's `Call`: grpc.aio has received the whole message (at most
+    MAX_BODY_BYTES) before the servicer runs."""
+
+    message: pb.ModelInferRequest
+    context: aio.ServicerContext
+    record: RequestRecord
+    time_left: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        remaining = self.context.time_remaining()
+        self.time_left = remaining if remaining is not None and remaining >= 0 else None
+
+    async def read(self) -> pb.ModelInferRequest:
+        return self.message
+
+    async def client_left(self) -> bool:
+        done = asyncio.Event()
+        self.context.add_done_callback(lambda _: done.set())
+        await done.wait()
+        return self.context.cancelled()
+
+
+class InferenceServicer:
+    def __init__(self, plane: DataPlane, name: str, version: str) -> None:
+        self.plane, self.name, self.version = plane, name, version
+        settings = plane.settings
+        self.adapter = InferAdapter(settings.max_json_values, settings.max_images_per_request)
+
+    # The protocol's RPCs -------------------------------------------------------------------
+    async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.plane.ready())
+
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=self.name, version=self.version, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
+        self._served(request.name, request.version)  # NOT_FOUND unknown, UNAVAILABLE loading
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
+        meta = self._served(request.name, request.version).metadata
+        versions = [v for v, state in self.plane.engine.versions[request.name].items() if state.served]
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=request.name, versions=versions, platform=PLATFORM,
+            inputs=[tensor(name=meta.input.name, datatype=DATATYPES[meta.input.dtype],
+                           shape=wire_shape(meta.input.shape)),
+                    tensor(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])],
+            outputs=[tensor(name=meta.output.name, datatype=DATATYPES[meta.output.dtype],
+                            shape=wire_shape(meta.output.shape))])
+
+    async def ModelConfig(self, request, context) -> triton.ModelConfigResponse:
+        served = self._served(request.name, request.version)
+        config = model_config(served, self.plane.settings.max_images_per_request)
+        return triton.ModelConfigResponse(config=json_format.ParseDict(config, triton.ModelConfig()))
+
+    async def ModelStatistics(self, request, context) -> triton.ModelStatisticsResponse:
+        stats = model_statistics(self.plane, request.name or None, request.version or None)
+        return json_format.ParseDict(stats, triton.ModelStatisticsResponse())
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context, record: RequestRecord
+                         ) -> pb.ModelInferResponse:
+        record.model = request.model_name
+        check_api_key(self.plane.settings.api_key, dict(context.invocation_metadata() or ()))
+        call = GrpcCall(request, context, record)
+        try:
+            with self.plane.budget.account() as account:
+                record.memory = account
+                account.reserve(request.ByteSize())  # grpc.aio holds the message already
+                answer = await self.plane.lifecycle.answer(call, request.model_name, self.adapter,
+                                                           request.model_version or None)
+                account.reserve(answer.ByteSize())  # MemoryExhausted 503, as on HTTP
+                return answer
+        finally:
+            if record.timings:
+                context.set_trailing_metadata((("server-timing", server_timing(record.timings)),
+                                               ("x-request-id", record.request_id)))
+
+    def _served(self, name: str, version: str):
+        return self.plane.engine.model(name, version or None)
+
+    # Around every RPC: the record, the error's status, the log line and the metrics ---------
+    def handler(self, method: str) -> Callable[[Any, aio.ServicerContext], Awaitable[Any]]:
+        rpc = getattr(self, method)
+        takes_record = method == "ModelInfer"
+
+        async def handle(request: Any, context: aio.ServicerContext) -> Any:
+            record = RequestRecord(_request_id(context))
+            self.plane.metrics.in_flight.inc()
+            try:
+                answer = await (rpc(request, context, record) if takes_record else rpc(request, context))
+                record.status = 200
+                return answer
+            except ServiceError as exc:
+                await self._abort(context, record, exc)
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+                left = context.time_remaining()
+                gone = ClientClosedRequest() if left is None or left > 0 else \
+                    RequestTimedOut(record.model or "", 0)
+                record.status = grpc_status(gone)[1]
+                raise
+            finally:
+                self.plane.metrics.in_flight.dec()
+                self._record(method, record)
+        return handle
+
+    async def _abort(self, context: aio.ServicerContext, record: RequestRecord,
+                     exc: ServiceError) -> None:
+        status, record.status, code = grpc_status(exc)
+        context.set_trailing_metadata((("code", code), ("x-request-id", record.request_id)))
+        await context.abort(status, exc.message)
+
+    def _record(self, method: str, record: RequestRecord) -> None:
+        if record.model is not None:
+            # Only served names become label values, so a client cannot grow the series.
+            if record.model not in self.plane.engine.models:
+                record.model = UNKNOWN_MODEL
+            self.plane.metrics.observe_request(record.model, record.status,
+                                               record.timings if record.status == 200 else None,
+                                               protocol="grpc")  # no trace: gRPC is not traced yet
+        timings = record.timings or {"total": record.elapsed_ms()}
+        stages = " ".join(f"{k}={v:.1f}ms" for k, v in timings.items())
+        log.info("GRPC /%s/%s request_id=%s%s status=%d %s", SERVICE, method, record.request_id,
+                 f" model={record.model}" if record.model else "", record.status, stages)
+
+
+METHODS: dict[str, tuple[Any, Any]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "ModelConfig": (triton.ModelConfigRequest, triton.ModelConfigResponse),
+    "ModelStatistics": (triton.ModelStatisticsRequest, triton.ModelStatisticsResponse),
+}
+
+
+def inference_service(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's handler: the RPCs of grpc_predict_v2.proto and Triton's two extensions, under
+    one service name (the generated registration knows only the former)."""
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        method: grpc.unary_unary_rpc_method_handler(
+            servicer.handler(method), request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString)
+        for method, (request, response) in METHODS.items()})
+
+
+def _request_id(context: aio.ServicerContext) -> str:
+    given = dict(context.invocation_metadata() or ()).get("x-request-id")
+    if isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given.encode()):
+        return given
+    return os.urandom(16).hex()
+
