@@ -179,7 +179,7 @@ def test_a_large_answer_is_encoded_off_the_event_loop_and_reads_the_same():
     meta = META.model_copy(update={
         "output": META.output.model_copy(update={"shape": [None, 1000]}),
         "labels": META.labels.model_copy(update={"count": 1000})})
-    model = SimpleNamespace(name="tiny", metadata=meta, labels=labels)
+    model = SimpleNamespace(name="tiny", version="1", metadata=meta, labels=labels)
     wanted = [WantedOutput("logits", False, 1000)]  # 64 rows of 1000 strings: tens of ms to encode
     decoded = DecodedRequest(InferenceRequest(inputs=[]), wanted, None, None)
     scores = np.random.default_rng(0).standard_normal((64, 1000)).astype(np.float32)
