@@ -20,7 +20,7 @@ from service.error_responses import install_error_handlers
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
-from service.protocols import open_inference, predict
+from service.protocols import compare, open_inference, predict
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     plane = DataPlane(settings, metrics, admission, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
-    for router in (predict.router, open_inference.router, open_inference.inference_router,
+    for router in (predict.router, compare.router, open_inference.router, open_inference.inference_router,
                    status.router, page.router):
         app.include_router(router)
     app.mount("/static", page.static_files, name="static")

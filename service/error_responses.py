@@ -40,6 +40,7 @@ from service.errors import (
     TooManyConnections,
     TooManyFiles,
     TooManyImages,
+    TooManyModels,
     TooManyPixels,
     TopKOutOfRange,
     Unauthorized,
@@ -96,6 +97,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     BadHttpRequest: (400, "bad_http_request"),
     InvalidMultipart: (400, "invalid_multipart"),
     ShuttingDown: (503, "shutting_down"),
+    TooManyModels: (422, "too_many_models"),
 }
 
 

@@ -208,3 +208,9 @@ class ShuttingDown(ServiceError):
     def __init__(self) -> None:
         super().__init__("the server shut down before this request was done "
                          "(GRACEFUL_SHUTDOWN_SECONDS); retry it on another instance")
+
+
+class TooManyModels(ServiceError):
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} models to compare; the limit is {limit} (MAX_COMPARE_MODELS): name "
+                         "fewer with ?models=", limit=limit)

@@ -28,6 +28,7 @@ import numpy as np
 from fastapi import Request, Response
 from starlette.requests import ClientDisconnect
 
+from contract import Preprocessing
 from service import preprocess
 from service.admission import Admission
 from service.batching import Inference
@@ -163,6 +164,21 @@ class Lifecycle:
     async def _in_pool(self, function, *args, pool: ThreadPoolExecutor | None = None):
         return await asyncio.get_running_loop().run_in_executor(pool or self.pool, function, *args)
 
+    # For a request that shares one upload among several models (service/compare.py) ----------
+    async def read(self, request: Request, adapter: Adapter) -> Any:
+        """The body, bounded in bytes and time as every request's."""
+        return await self._read(request, adapter)
+
+    def decode(self, data: bytes, preprocessing: Preprocessing) -> preprocess.DecodedImage:
+        """One image opened and decoded under the bounds every image has; on a pool thread."""
+        return preprocess.decode(data, preprocessing,
+                                 max_pixels=min(self.settings.max_image_pixels, self.settings.max_request_pixels),
+                                 max_scans=self.settings.max_jpeg_scans)
+
+    async def in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the preprocessing pool."""
+        return await self._in_pool(function, *args)
+
     def close(self) -> None:
         for pool in (self.pool, self.parser):
             pool.shutdown(wait=False, cancel_futures=True)
@@ -190,3 +206,6 @@ async def _cancelled_when_client_leaves(request: Request) -> AsyncIterator[None]
         raise ClientClosedRequest() from None
     finally:
         watcher.cancel()
+
+
+cancelled_when_client_leaves = _cancelled_when_client_leaves  # for paths beside `handle`
