@@ -29,10 +29,12 @@ from contract.metadata import (
     WeightsKind,
 )
 from contract.repository import (
+    IncompleteModel,
     ModelFolder,
     ModelLoadError,
     RepositoryNotFound,
     discover,
+    fingerprint,
     read_labels,
     read_metadata,
     sha256_of,
@@ -45,6 +47,6 @@ __all__ = [
     "ModelStatus", "WeightsKind", "ResizeRule", "Layout",
     "Preprocessing", "Paper", "OnnxFile", "InputSpec", "OutputSpec", "Labels", "Weights", "ModelMetadata",
     "CalibrationSet", "Drift", "Quantization",
-    "RepositoryNotFound", "ModelLoadError", "ModelFolder",
-    "discover", "read_metadata", "write_metadata", "verify", "read_labels", "sha256_of",
+    "RepositoryNotFound", "ModelLoadError", "IncompleteModel", "ModelFolder",
+    "discover", "fingerprint", "read_metadata", "write_metadata", "verify", "read_labels", "sha256_of",
 ]

@@ -16,7 +16,7 @@ MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 RANDOM_WEIGHTS_NOTE = "Random weights: predictions are meaningless."
 
-ModelStatus = Literal["loading", "ready", "failed"]
+ModelStatus = Literal["loading", "ready", "failed", "unavailable"]
 WeightsKind = Literal["random", "imagenet", "custom"]
 ResizeRule = Literal["shorter_side", "shorter_side_rounded", "squash"]
 Layout = Literal["paper", "keras", "megvii"]

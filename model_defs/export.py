@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --weights imagenet: use random weights (and say so in metadata) for "
                              "models whose checkpoint does not exist or cannot be downloaded")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    parser.add_argument("--version", type=int, default=None,
+                        help="write numbered version folders <out>/<name>/<VERSION>/ (default: the "
+                             "model folder itself, version 1)")
     parser.add_argument("--weights-sha256", action="append", default=[], metavar="NAME=HEX",
                         help="the sha256 a model's weights file must have, checked before it is read "
                              "(repeat for several models); Keras publishes no hash for its files")
@@ -121,7 +124,8 @@ def run(args: argparse.Namespace) -> list[tuple[ExportedModel, float]]:
         started = time.perf_counter()
         built = build_with_weights(spec, args.weights, args.seed, args.allow_random_fallback, pinned.get(spec.name))
         weights = built.weights
-        exported = write_model_folder(args.out, built.spec, built.model, weights, seed=args.seed, int8=choice.int8)
+        exported = write_model_folder(args.out, built.spec, built.model, weights, seed=args.seed, int8=choice.int8,
+                                      version=args.version)
         seconds = time.perf_counter() - started
         parity = exported.metadata.export["parity"]["max_abs_diff"]
         print(f"[{index}/{len(choices)}] {choice.name}: {weights.kind} weights, "

@@ -64,16 +64,17 @@ def build_metadata(spec: ModelSpec, model: nn.Module, weights: Weights, onnx_pat
 
 
 def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weights: Weights,
-                       seed: int = 0, int8: bool = False) -> ExportedModel:
-    """Export `model` into `<repository>/<name>/`, replacing any earlier export of it; with `int8`,
-    into `<name>_int8/`, quantized from the FP32 export (which is checked against PyTorch first).
+                       seed: int = 0, int8: bool = False, version: int | None = None) -> ExportedModel:
+    """Export `model` into `<repository>/<name>/` (or the version folder `<name>/<version>/`),
+    replacing any earlier export of it; with `int8`, into `<name>_int8/`, quantized from the FP32
+    export (which is checked against PyTorch first).
 
     The folder is assembled under a hidden name and renamed at the end, so a reader of the
     repository never sees a half-written model.
     """
     labels = spec.labels.read()
     name = spec.name + INT8_SUFFIX if int8 else spec.name
-    staging = repository / f".{name}.partial"
+    staging = repository / (f".{name}.{version}.partial" if version else f".{name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -93,8 +94,9 @@ def write_model_folder(repository: Path, spec: ModelSpec, model: nn.Module, weig
         metadata = build_metadata(spec, model, weights, onnx_path, labels, parity, quantization)
         shutil.copyfile(spec.labels.file, staging / LABELS_FILE)
         write_metadata(staging, metadata)
-        folder = repository / name
+        folder = repository / name / str(version) if version else repository / name
         shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(exist_ok=True)
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

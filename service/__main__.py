@@ -14,10 +14,12 @@ import logging
 import socket
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.config import LOGGING_CONFIG, LifespanType
 from uvicorn.lifespan.off import LifespanOff
 
 from service.app import create_app
@@ -104,8 +106,11 @@ class DrainingServer(uvicorn.Server):
 
     def _protocol(self) -> asyncio.Protocol:
         """A connection's protocol, made as uvicorn's own listener makes it."""
-        return self.config.http_protocol_class(config=self.config, server_state=self.server_state,
-                                               app_state=self.lifespan.state)
+        # uvicorn types http_protocol_class as a bare asyncio.Protocol class, yet makes it with these
+        # arguments itself (under the same ignore).
+        make = self.config.http_protocol_class
+        return make(config=self.config, server_state=self.server_state,  # type: ignore[call-arg]
+                    app_state=self.lifespan.state)
 
 
 def _accept_waiting(listener) -> list[socket.socket]:
@@ -121,13 +126,18 @@ def _accept_waiting(listener) -> list[socket.socket]:
 
 
 def server_config(app: ASGIApp, port: int, limits: ConnectionLimits, settings: Settings,
-                  **options: object) -> uvicorn.Config:
+                  lifespan: LifespanType = "auto", log_config: dict[str, Any] | None = LOGGING_CONFIG
+                  ) -> uvicorn.Config:
     # Our own middleware logs one line per request with timings, so uvicorn's access log is off.
     # The app serves no WebSockets: an upgrade would hand the socket to a protocol without our bounds.
+    # uvicorn declares `http` a protocol class and the timeouts int, but it only calls `http` (a
+    # factory works: tests/test_uvicorn_internals.py) and hands the timeouts to asyncio, which
+    # takes fractions of a second, as the settings do.
     return uvicorn.Config(app, host=settings.host, port=port, log_level=settings.log_level,
-                          access_log=False, http=bounded_http_protocol(limits), ws="none",
-                          timeout_keep_alive=limits.idle_timeout, backlog=limits.backlog,
-                          timeout_graceful_shutdown=settings.graceful_shutdown_seconds, **options)
+                          access_log=False, http=bounded_http_protocol(limits), ws="none",  # type: ignore[arg-type]
+                          timeout_keep_alive=limits.idle_timeout, backlog=limits.backlog,  # type: ignore[arg-type]
+                          timeout_graceful_shutdown=settings.graceful_shutdown_seconds,  # type: ignore[arg-type]
+                          lifespan=lifespan, log_config=log_config)
 
 
 def main() -> None:

@@ -36,11 +36,12 @@ class Admission:
         return self._in_flight[model]
 
     @asynccontextmanager
-    async def deadline(self, model: str) -> AsyncIterator[None]:
-        """Cancel the body at the request's deadline, as RequestTimedOut."""
+    async def deadline(self, model: str) -> AsyncIterator[asyncio.Timeout]:
+        """Cancel the body at the request's deadline, as RequestTimedOut; the body may move the
+        deadline (`reschedule`) while a stage with its own, shorter one runs."""
         try:
             async with asyncio.timeout(self.timeout_seconds) as deadline:
-                yield
+                yield deadline
         except TimeoutError:
             if not deadline.expired():
                 raise

@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import trace
 
 from service.errors import InferenceFailed, ServiceError
 
@@ -34,6 +35,12 @@ class Inference:
     inference_ms: float  # session.run alone
     batch_size: int      # images in the session.run, this request's and others'
     threads: int         # onnxruntime threads the inference ran on
+    # For its trace spans (perf_counter seconds): when it was submitted, when session.run began
+    started: float = 0.0
+    submitted: float = 0.0
+    # The trace contexts of every request in the session.run, given to the first one only, so
+    # that one span per batch links them all.
+    shared_by: tuple[trace.SpanContext, ...] = ()
 
 
 @dataclass
@@ -41,10 +48,21 @@ class _Request:
     job: Job
     answer: asyncio.Future
     submitted: float = field(default_factory=time.perf_counter)
+    # The caller's span (its server span while traced; an invalid one costs a contextvar read)
+    trace_context: trace.SpanContext = field(default_factory=lambda: trace.get_current_span().get_span_context())
+
+    @property
+    def array(self) -> np.ndarray | None:
+        """The input as submitted; None for a job that makes its own."""
+        return self.job if isinstance(self.job, np.ndarray) else None
 
     @property
     def rows(self) -> int | None:
-        return self.job.shape[0] if isinstance(self.job, np.ndarray) else None
+        return self.array.shape[0] if self.array is not None else None
+
+    def made(self) -> np.ndarray:
+        """The input, made now (on the inference worker) by a job that makes its own."""
+        return self.job if isinstance(self.job, np.ndarray) else self.job()
 
 
 @dataclass(frozen=True)
@@ -68,7 +86,8 @@ class Activity:
 
     def __init__(self, on_busy: Callable[[], None], on_idle: Callable[[], None]) -> None:
         self.running = 0
-        self._on_busy, self._on_idle = on_busy, on_idle
+        self._on_busy = on_busy
+        self._on_idle = on_idle
 
     def started(self) -> None:
         self.running += 1
@@ -84,9 +103,15 @@ class Batcher:
     def __init__(self, name: str, run: RunBatch, executor: Executor, activity: Activity, slots: int,
                  max_batch_size: int, max_queue_delay_s: float, lone_threads: int,
                  has_one_thread_session: bool, on_batch: Callable[[str, int], None]) -> None:
-        self.name, self._run_batch, self._executor, self._activity = name, run, executor, activity
-        self.slots, self.max_batch_size, self.max_delay_s = slots, max_batch_size, max_queue_delay_s
-        self._lone_threads, self._has_one_thread_session = lone_threads, has_one_thread_session
+        self.name = name
+        self._run_batch = run
+        self._executor = executor
+        self._activity = activity
+        self.slots = slots
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_queue_delay_s
+        self._lone_threads = lone_threads
+        self._has_one_thread_session = has_one_thread_session
         self._on_batch = on_batch
         self.running = 0
         self.queue: list[_Request] = []
@@ -132,16 +157,20 @@ class Batcher:
     def _take(self) -> list[_Request]:
         """The oldest request and the queued arrays of its shape that fit beside it."""
         first = self.queue[0]
-        if first.rows is None:  # a job that makes its own array runs alone
+        first_array = first.array
+        if first_array is None:  # a job that makes its own array runs alone
             self.queue = self.queue[1:]
             return [first]
-        taken, rows, kept = [first], first.rows, []
+        taken = [first]
+        rows = first_array.shape[0]
+        kept = []
         for request in self.queue[1:]:
-            if request.rows is not None and rows + request.rows <= self.max_batch_size \
-                    and request.job.shape[1:] == first.job.shape[1:] \
-                    and request.job.dtype == first.job.dtype:
+            array = request.array
+            if array is not None and rows + array.shape[0] <= self.max_batch_size \
+                    and array.shape[1:] == first_array.shape[1:] \
+                    and array.dtype == first_array.dtype:
                 taken.append(request)
-                rows += request.rows
+                rows += array.shape[0]
             else:
                 kept.append(request)
         self.queue = kept
@@ -158,7 +187,7 @@ class Batcher:
     def _run(self, requests: list[_Request], alone: bool) -> _Ran:
         """On an inference worker: make the batch, run it."""
         picked = time.perf_counter()
-        batches = [r.job() if r.rows is None else r.job for r in requests]
+        batches = [r.made() for r in requests]
         # Read across threads: at worst a caller that left a moment ago still gets its run.
         if all(r.answer.done() for r in requests):
             raise _Abandoned()
@@ -184,12 +213,15 @@ class Batcher:
         size = ran.outputs.shape[0]
         self._on_batch(self.name, size)
         row = 0
-        for request, batch in zip(requests, ran.batches):
+        shared_by = tuple(r.trace_context for r in requests)
+        for request, batch in zip(requests, ran.batches, strict=True):  # one batch per request, by _run
             rows = batch.shape[0]
             if not request.answer.done():  # the caller may have gone away
                 request.answer.set_result(Inference(
                     ran.outputs[row:row + rows], (ran.picked - request.submitted) * 1000,
-                    (ran.finished - ran.started) * 1000, size, threads))
+                    (ran.finished - ran.started) * 1000, size, threads, ran.started, request.submitted,
+                    shared_by))
+                shared_by = ()
             row += rows
 
     @staticmethod

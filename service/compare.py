@@ -20,15 +20,19 @@ Metrics: each model's answer (or error) counts in that model's series with its q
 and total; the shared read, decode and preprocessing count once, in the request's own record.
 """
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
 from contract import Preprocessing
+from service.admission import Admission
+from service.budget import RequestAccount
 from service.dataplane import DataPlane
 from service.engine import Engine, ServedModel
 from service.error_responses import status_and_code
@@ -36,9 +40,11 @@ from service.errors import ServiceError, TooManyModels, UnknownModel
 from service.lifecycle import Adapter, Inputs, Result, cancelled_when_client_leaves
 from service.metrics import COMPARISON
 from service.preprocess import DecodedImage, PreparedImage, to_tensor
+from service.record import record_of
 
 Decode = Callable[[bytes, Preprocessing], DecodedImage]
-OWN_STAGES = ("queue", "inference", "total")  # a model's own part of a comparison, in its series
+TENSOR_BYTES_PER_PIXEL = 3 * 4  # float32 RGB
+OWN_STAGES = ("load", "queue", "inference", "total")  # a model's own part of a comparison, in its series
 
 
 @dataclass(frozen=True)
@@ -84,33 +90,48 @@ async def compare(plane: DataPlane, request: Request, names: list[str], adapter:
                   sequential: bool) -> Comparison:
     """Read the upload once, prepare it once per preprocessing, and run each named model on it."""
     started = time.perf_counter()
-    lifecycle, admission = plane.lifecycle, plane.admission
+    lifecycle, admission, engine = plane.lifecycle, plane.admission, plane.engine
+    account: RequestAccount = record_of(request).memory  # the body is reserved as it is read
     errors: dict[str, ServiceError] = {}
-    async with admission.deadline(COMPARISON):  # RequestTimedOut 504: the whole comparison
-        payload = await lifecycle.read(request, adapter)  # BodyTimedOut 408, client gone 499
+    async with admission.deadline(COMPARISON) as deadline:  # RequestTimedOut 504: the whole comparison
+        payload = await lifecycle.read(request, adapter, deadline)  # BodyTimedOut 408, gone 499
         read_ms = (time.perf_counter() - started) * 1000
-        async with AsyncExitStack() as slots, cancelled_when_client_leaves(request):
-            admitted: dict[str, Inputs] = {}
+        async with AsyncExitStack() as held, cancelled_when_client_leaves(request):
+            admitted: dict[str, Admitted] = {}
             for name in names:
                 try:
-                    model = plane.engine.model(name)  # ModelUnavailable 503
-                    inputs = adapter.decode(payload, model)  # the model's own options, e.g. top_k
-                    await slots.enter_async_context(admission.admit(name))  # Overloaded 503
-                    admitted[name] = inputs
+                    admitted[name] = await _admit(engine, admission, held, name, adapter, payload)
                 except ServiceError as error:
                     errors[name] = error
             if not admitted:
                 raise errors[names[0]]
-            models = {name: plane.engine.model(name) for name in admitted}
-            prepared = await lifecycle.in_pool(prepare, lifecycle.decode, payload,
-                                               [m.metadata.preprocessing for m in models.values()])
-            results = await _infer_each(plane.engine, models, admitted, prepared, read_ms, sequential)
-    entries = [_entry(name, results.get(name) or errors[name]) for name in names]
+            decode = functools.partial(lifecycle.decode, account=account)
+            prepared = await lifecycle.in_pool(COMPARISON, prepare, decode, payload, account.reserve,
+                                               [a.model.metadata.preprocessing for a in admitted.values()])
+            outcomes = {**errors, **await _infer_each(engine, admitted, prepared, read_ms, sequential)}
+    entries = [_entry(name, outcomes[name]) for name in names]
     _count(plane, entries)
     image = next(iter(prepared.images.values()))
     return Comparison(entries, image, {"read": read_ms, "decode": prepared.decode_ms,
                                        "preprocess": prepared.preprocess_ms,
                                        "total": (time.perf_counter() - started) * 1000})
+
+
+@dataclass(frozen=True)
+class Admitted:
+    model: ServedModel
+    inputs: Inputs
+    load_ms: float  # loading it first, when MAX_LOADED_MODELS had left it out; else 0
+
+
+async def _admit(engine: Engine, admission: Admission, held: AsyncExitStack, name: str, adapter: Adapter,
+                 payload: Any) -> Admitted:
+    """The model, held and admitted for the comparison, as its /predict would be; or its error."""
+    model, load_ms = await engine.acquire(name)  # ModelUnavailable 503; loaded first if evicted
+    inputs = adapter.decode(payload, model)  # the model's own options, e.g. top_k
+    await held.enter_async_context(engine.in_use(model))
+    await held.enter_async_context(admission.admit(name))  # Overloaded 503
+    return Admitted(model, inputs, load_ms)
 
 
 def _entry(name: str, outcome: Result | ServiceError) -> Entry:
@@ -122,14 +143,17 @@ def _count(plane: DataPlane, entries: list[Entry]) -> None:
     for entry in entries:
         if entry.result is not None:
             timings = entry.result.timings
-            plane.metrics.observe_request(entry.name, 200, {stage: timings[stage] for stage in OWN_STAGES})
+            plane.metrics.observe_request(entry.name, 200, {stage: timings[stage] for stage in OWN_STAGES
+                                                            if stage in timings})
         elif entry.error is not None:
             plane.metrics.observe_request(entry.name, status_and_code(entry.error)[0], None)
 
 
-def prepare(decode: Decode, data: bytes, preprocessings: Iterable[Preprocessing]) -> Prepared:
+def prepare(decode: Decode, data: bytes, reserve: Callable[[int], None],
+            preprocessings: Iterable[Preprocessing]) -> Prepared:
     """Each distinct preprocessing's tensor, from as few decodes as give each one the decode its
-    own /predict would make (see the module's docstring); on a pool thread."""
+    own /predict would make (see the module's docstring); on a pool thread. A decode reserves its
+    own working memory; a tensor made from a shared decode reserves its size."""
     images: dict[Preprocessing, PreparedImage] = {}
     decoded, drafted, decode_ms, decodes_ms, tensors_ms = None, 0.0, 0.0, 0.0, 0.0
     for preprocessing in sorted(set(preprocessings), key=_draft_size):
@@ -138,6 +162,8 @@ def prepare(decode: Decode, data: bytes, preprocessings: Iterable[Preprocessing]
             decoded, drafted = decode(data, preprocessing), _draft_size(preprocessing)
             decode_ms = (time.perf_counter() - started) * 1000
             decodes_ms += decode_ms
+        elif images:
+            reserve(TENSOR_BYTES_PER_PIXEL * preprocessing.crop ** 2)
         started = time.perf_counter()
         tensor = to_tensor(decoded.image, preprocessing)
         preprocess_ms = (time.perf_counter() - started) * 1000
@@ -157,10 +183,10 @@ def _reduced(decoded: DecodedImage) -> bool:
     return decoded.image.size != (decoded.width, decoded.height)
 
 
-async def _infer_each(engine: Engine, models: dict[str, ServedModel], inputs: dict[str, Inputs],
-                      prepared: Prepared, read_ms: float, sequential: bool) -> dict[str, Result | ServiceError]:
+async def _infer_each(engine: Engine, admitted: dict[str, Admitted], prepared: Prepared, read_ms: float,
+                      sequential: bool) -> dict[str, Result | ServiceError]:
     async def infer(name: str) -> Result | ServiceError:
-        model = models[name]
+        model = admitted[name].model
         image = prepared.images[model.metadata.preprocessing]
         submitted = time.perf_counter()
         try:
@@ -170,11 +196,13 @@ async def _infer_each(engine: Engine, models: dict[str, ServedModel], inputs: di
         # What this model's own /predict would have taken: the shared stages it needed, and its
         # own wait and inference (not the other models').
         own_ms = (time.perf_counter() - submitted) * 1000
-        timings = {"decode": image.decode_ms, "preprocess": image.preprocess_ms,
-                   "queue": inference.queue_ms, "inference": inference.inference_ms,
-                   "total": read_ms + image.decode_ms + image.preprocess_ms + own_ms}
-        return Result(model, inference.outputs, [image], timings, inputs[name].options)
+        load_ms = admitted[name].load_ms
+        timings = {"load": load_ms} if load_ms else {}
+        timings.update(decode=image.decode_ms, preprocess=image.preprocess_ms, queue=inference.queue_ms,
+                       inference=inference.inference_ms,
+                       total=load_ms + read_ms + image.decode_ms + image.preprocess_ms + own_ms)
+        return Result(model, inference.outputs, [image], timings, admitted[name].inputs.options)
 
     if sequential:  # one after another, so that their latencies do not interfere
-        return {name: await infer(name) for name in models}
-    return dict(zip(models, await asyncio.gather(*(infer(name) for name in models)), strict=True))
+        return {name: await infer(name) for name in admitted}
+    return dict(zip(admitted, await asyncio.gather(*(infer(name) for name in admitted)), strict=True))

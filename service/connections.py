@@ -36,7 +36,7 @@ import functools
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,7 +181,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.parse_kept()
 
     def parse_kept(self) -> None:
-        kept, parsed = memoryview(self.kept), 0
+        kept = memoryview(self.kept)
+        parsed = 0
         while parsed < len(kept) and not self.in_flight() and not self.transport.is_closing():
             piece = kept[parsed:parsed + self.parse_step()]
             parsed += len(piece)
@@ -293,7 +294,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.eof and not self.kept and not self.in_flight() and self.reading_headers:
             self.transport.close()
 
-    def eof_received(self) -> bool | None:
+    # uvicorn annotates its eof_received `-> None`; asyncio.Protocol's is `bool | None`, and True
+    # is how a protocol keeps a half-closed transport open.
+    def eof_received(self) -> bool | None:  # type: ignore[override]
         """A client may half-close once its request is sent: it is still answered."""
         self.eof = True
         if self.in_flight() or self.kept:
@@ -372,7 +375,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.kept = b""
         self.transport.close()
 
-    def error_response(self, status: int, body: dict, headers: dict[str, str]) -> bytes:
+    def error_response(self, status: int, body: dict, headers: Mapping[str, str]) -> bytes:
         content = orjson.dumps(body)
         lines = [*self.server_state.default_headers,
                  *((name.lower().encode(), value.encode()) for name, value in headers.items()),
@@ -396,7 +399,8 @@ class RefusalLog:
             return
         more = f" (and {self.unreported} more since the last report)" if self.unreported else ""
         log.warning("closed a connection from %s: %s%s", client[0] if client else "?", reason, more)
-        self.last, self.unreported = now, 0
+        self.last = now
+        self.unreported = 0
 
 
 refusals = RefusalLog()

@@ -4,15 +4,17 @@ Wiring (`app.py`, `__main__.py`) builds it and hangs it on the app; a router rea
 `data_plane(request)`, never through `app.state`, and never imports another router. Readiness and
 draining are decided here, once.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
 from service.admission import Admission
+from service.budget import MemoryBudget
 from service.engine import Engine
 from service.lifecycle import Lifecycle
 from service.metrics import Metrics
+from service.model_control import ModelControl
 from service.settings import Settings
 
 
@@ -21,9 +23,14 @@ class DataPlane:
     settings: Settings
     metrics: Metrics
     admission: Admission
+    budget: MemoryBudget
     engine: Engine
     lifecycle: Lifecycle
     draining: bool = False  # set once on SIGTERM (or at shutdown): readiness says 503 from then
+    control: ModelControl = field(init=False)  # the repository API's loads, unloads and index
+
+    def __post_init__(self) -> None:
+        self.control = ModelControl(self.engine, self.settings)
 
     def ready(self) -> bool:
         """Every model loaded (or, unless STRICT_READINESS, some), and not draining for shutdown."""

@@ -7,7 +7,8 @@ status and code until it has its own, and never falls through to a bare 500. Eve
 JSON: `error` (for people), `code` (for programs) and fields that help fix the request.
 """
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar, cast
 
 import orjson
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Match
+from starlette.types import HTTPExceptionHandler
 
 from service.errors import (
     BadHttpRequest,
@@ -31,7 +33,10 @@ from service.errors import (
     InvalidInferenceRequest,
     InvalidMultipart,
     JsonTooLarge,
+    MemoryExhausted,
     MissingFileField,
+    ModelControlDisabled,
+    ModelLoadFailed,
     ModelUnavailable,
     Overloaded,
     RequestTimedOut,
@@ -52,6 +57,7 @@ from service.errors import (
 )
 
 log = logging.getLogger("service.errors")
+Handled = TypeVar("Handled", bound=Exception)
 
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}  # for errors Starlette raises
@@ -97,6 +103,9 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     BadHttpRequest: (400, "bad_http_request"),
     InvalidMultipart: (400, "invalid_multipart"),
     ShuttingDown: (503, "shutting_down"),
+    MemoryExhausted: (503, "memory_exhausted"),
+    ModelControlDisabled: (409, "model_control_disabled"),
+    ModelLoadFailed: (400, "model_load_failed"),
     TooManyModels: (422, "too_many_models"),
 }
 
@@ -157,7 +166,14 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    _add_handler(app, ServiceError, _service_error)
+    _add_handler(app, HTTPException, _http_error)
+    _add_handler(app, RequestValidationError, _validation_error)
+    _add_handler(app, Exception, _unexpected_error)
+
+
+def _add_handler(app: FastAPI, kind: type[Handled],
+                 handler: Callable[[Request, Handled], Awaitable[Response]]) -> None:
+    # Starlette calls a handler only with an instance of the class it is registered for, which its
+    # handler type (any Exception) cannot say: the cast says it, here, once.
+    app.add_exception_handler(kind, cast(HTTPExceptionHandler, handler))

@@ -133,8 +133,8 @@ class TooManyPixels(ServiceError):
 
 class BodyTimedOut(ServiceError):
     def __init__(self, timeout: float) -> None:
-        super().__init__(f"the request body did not arrive within {timeout:g} s (BODY_TIMEOUT_SECONDS)",
-                         timeout_seconds=timeout)
+        super().__init__(f"the request body did not arrive within {timeout:g} s (BODY_TIMEOUT_SECONDS, "
+                         "or what was left of REQUEST_TIMEOUT_SECONDS)", timeout_seconds=timeout)
 
 
 class ClientClosedRequest(ServiceError):
@@ -208,6 +208,29 @@ class ShuttingDown(ServiceError):
     def __init__(self) -> None:
         super().__init__("the server shut down before this request was done "
                          "(GRACEFUL_SHUTDOWN_SECONDS); retry it on another instance")
+
+
+class MemoryExhausted(ServiceError):
+    def __init__(self, budget: int, retry_after: int) -> None:
+        super().__init__(f"the requests in flight hold the server's memory budget of {budget} bytes "
+                         f"(MEMORY_BUDGET_BYTES); retry after {retry_after} s",
+                         budget_bytes=budget, retry_after_seconds=retry_after)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class ModelControlDisabled(ServiceError):
+    """A repository load or unload while MODEL_CONTROL_MODE is none."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__(f"model {action} is disabled: MODEL_CONTROL_MODE is none (set it to explicit "
+                         "or poll to load and unload models while the service runs)", action=action)
+
+
+class ModelLoadFailed(ServiceError):
+    """A repository load call whose model could not be made ready; the reason names the check."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model!r} not loaded: {reason}", reason=reason)
 
 
 class TooManyModels(ServiceError):

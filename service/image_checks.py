@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
+from PIL.TiffImagePlugin import TiffImageFile
 
 from contract import Preprocessing
 from service.errors import ImageTooComplex, UndecodableImage, UnsupportedImageFormat
@@ -38,7 +39,8 @@ GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 # nor RST0-7 (restart markers, which stand inside a scan's entropy-coded data).
 JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 JPEG_LENGTHLESS = {0x01, 0xD8}  # TEM and SOI: no length follows
-JPEG_EOI, JPEG_SOS = 0xD9, 0xDA
+JPEG_EOI = 0xD9
+JPEG_SOS = 0xDA
 JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15, less DHT, JPG and DAC
 
 # Rows of the image converted to RGB at a time while preprocessing (see preprocess.rgb_bands).
@@ -117,7 +119,8 @@ def _check_jpeg_markers(data: bytes, max_scans: int) -> int:
         if markers > MAX_CONTAINER_ELEMENTS:
             raise ImageTooComplex(f"a JPEG with more than {MAX_CONTAINER_ELEMENTS} markers and "
                                   "stray bytes")
-        code, position = data[marker.start() + 1], marker.end()
+        code = data[marker.start() + 1]
+        position = marker.end()
         if code == JPEG_EOI:
             break
         if code in JPEG_LENGTHLESS:
@@ -145,7 +148,8 @@ def _check_scans(scans: int, pixels: int, max_scans: int) -> None:
 
 def _check_png_chunks(data: bytes) -> None:
     """Refuse a PNG with too many chunks before its IEND, or the next frame where it is animated."""
-    position, pixels_seen = len(PNG_SIGNATURE), False
+    position = len(PNG_SIGNATURE)
+    pixels_seen = False
     for _ in range(MAX_CONTAINER_ELEMENTS):
         kind = data[position + 4:position + 8]
         if len(kind) < 4 or kind == b"IEND" or (kind == b"fcTL" and pixels_seen):
@@ -163,7 +167,8 @@ def _check_gif_blocks(data: bytes) -> None:
     for _ in range(MAX_CONTAINER_ELEMENTS):
         if in_extension:  # a sub-block: its size, then its bytes; size 0 ends the extension
             size = data[position] if position < len(data) else 0
-            position, in_extension = position + 1 + size, size > 0
+            position += 1 + size
+            in_extension = size > 0
             continue
         introducer = data[position:position + 1]
         if introducer in (b"", b";", b","):  # end, trailer or the first image: Pillow stops here
@@ -192,7 +197,7 @@ def working_memory(image: Image.Image, full_size: tuple[int, int], jpeg_scans: i
              **_decoder_memory(image, full_size, jpeg_scans),
              "its transposition": decoded if transposed else 0,
              "the rows preprocessing converts": _preprocessing_memory(width, height, preprocessing)}
-    cause = max(parts, key=parts.get)
+    cause = max(parts, key=lambda part: parts[part])
     return WorkingMemory(sum(parts.values()) + LIBRARY_SLACK, cause)
 
 
@@ -205,7 +210,7 @@ def _decoder_memory(image: Image.Image, full_size: tuple[int, int], jpeg_scans: 
             return {f"the DCT coefficients of a {full_width}x{full_height} JPEG with "
                     f"{jpeg_scans} scans": math.ceil(full_width * full_height * 2 * _jpeg_samples(image))}
         return {"libjpeg's rows": full_width * 16 * 2 * 4 * len(image.getbands())}
-    if image.format == "TIFF":
+    if isinstance(image, TiffImageFile):  # format TIFF: only PILLOW_FORMATS' plugins open images
         return _tiff_memory(image)
     if image.format == "WEBP":
         return {f"libwebp's canvas of {full_width}x{full_height}":
@@ -220,7 +225,7 @@ def _jpeg_samples(image: Image.Image) -> float:
     return sum(h * v for _, h, v, _ in layers) / most + 0.05  # blocks pad each side to 8 pixels
 
 
-def _tiff_memory(image: Image.Image) -> dict[str, int]:
+def _tiff_memory(image: TiffImageFile) -> dict[str, int]:
     """libtiff's buffer for one tile or strip, the unit it decodes: as the directory declares it,
     which a hostile file makes far larger than the image."""
     tags = image.tag_v2

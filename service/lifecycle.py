@@ -7,9 +7,14 @@
 A protocol is an `Adapter` (`service/protocols/`): it reads its wire format into `Inputs` and writes
 a `Result` back in its wire format, and nothing else. Every bound is enforced here, once, for all
 protocols: body bytes (the limit middleware counts what `read` receives) and the time the body may
-take, images per request, pixels per image and per request, in-flight requests per model and the
-request's deadline. Past the deadline, or once the client has gone, none of the request's remaining
-work runs: images not yet decoded are not decoded, and its place in the batch queue is dropped.
+take (within the request's deadline: a body that stalls is 408, not 504), images per request,
+pixels per image and per request, the memory the request holds (`service/budget.py`: its body, each
+image's working memory, its answer), in-flight requests per model and the request's deadline. Past
+the deadline, or once the client has gone, none of the request's remaining work runs: images not
+yet decoded are not decoded, and its place in the batch queue is dropped.
+
+Bodies are parsed and images decoded in pools whose threads are shared fairly between models
+(`service/fair_pool.py`), so one model's expensive requests cannot starve another's.
 
 Where the model is idle, a lone image is decoded, preprocessed and inferred on one inference
 worker (one hand-off from the event loop); otherwise each image is decoded in the preprocessing
@@ -19,7 +24,6 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,12 +36,17 @@ from contract import Preprocessing
 from service import preprocess
 from service.admission import Admission
 from service.batching import Inference
+from service.budget import RequestAccount
 from service.engine import Engine, ServedModel
 from service.errors import BodyTimedOut, ClientClosedRequest, TooManyImages, TooManyPixels
+from service.fair_pool import FairPool
 from service.metrics import server_timing
 from service.preprocess import PreparedImage
 from service.record import record_of
 from service.settings import Settings
+from service.tracing import Stage, measured_stages
+
+PARSER_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -80,52 +89,75 @@ class Adapter(Protocol):
 class Lifecycle:
     def __init__(self, engine: Engine, admission: Admission, settings: Settings) -> None:
         self.engine, self.admission, self.settings = engine, admission, settings
-        self.pool = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="preprocess")
-        # One body parsed at a time: a JSON parser holds the GIL through a whole body (about
-        # 0.1 s for 5 MB of numbers), so two at once would starve the event loop back to back,
-        # and each parsed body is several times its size in Python objects.
-        self.parser = ThreadPoolExecutor(1, thread_name_prefix="parse")
+        self.pool = FairPool(settings.preprocess_workers, "preprocess")
+        # One body per model parsed at a time: a JSON parser holds the GIL through a whole body
+        # (about 0.1 s for 5 MB of numbers), so more at once would starve the event loop back to
+        # back. Two threads, so that one model's slow bodies never hold up another model's.
+        self.parser = FairPool(PARSER_THREADS, "parse", per_model=1)
 
-    async def handle(self, request: Request, model_name: str, adapter: Adapter) -> Response:
+    async def handle(self, request: Request, model_name: str, adapter: Adapter,
+                     version: str | None = None) -> Response:
         started = time.perf_counter()
-        model = self.engine.model(model_name)  # UnknownModel 404, ModelUnavailable 503
-        async with self.admission.deadline(model.name):  # RequestTimedOut 504
-            payload = await self._read(request, adapter)  # BodyTimedOut 408, client gone 499
+        # UnknownModel or UnknownModelVersion 404, ModelUnavailable 503; loaded first if evicted
+        model, load_ms = await self.engine.acquire(model_name, version)
+        account: RequestAccount = record_of(request).memory  # the body is reserved as it is read
+        async with self.admission.deadline(model.name) as deadline, self.engine.in_use(model):  # 504
+            read_at = time.perf_counter()
+            payload = await self._read(request, adapter, deadline)  # BodyTimedOut 408, gone 499
+            read = Stage(read_at, (time.perf_counter() - read_at) * 1000)
             async with self.admission.admit(model.name), _cancelled_when_client_leaves(request):
                 if adapter.parses_body:
-                    inputs = await self._in_pool(adapter.decode, payload, model, pool=self.parser)
+                    inputs = await self.parser.run(model.name, adapter.decode, payload, model)
                 else:
                     inputs = adapter.decode(payload, model)
                 if inputs.count > self.settings.max_images_per_request:
                     raise TooManyImages(inputs.count, self.settings.max_images_per_request)
-                images, inference = await self._infer(model, inputs)
-        timings = {"decode": sum(i.decode_ms for i in images),
-                   "preprocess": sum(i.preprocess_ms for i in images)} if images else {}
+                images, inference = await self._infer(model, inputs, account)
+        timings = {"load": load_ms} if load_ms else {}
+        timings.update({"decode": sum(i.decode_ms for i in images),
+                        "preprocess": sum(i.preprocess_ms for i in images)} if images else {})
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,
                        total=(time.perf_counter() - started) * 1000)
-        record_of(request).timings = timings  # for the metrics and the access log
+        record = record_of(request)
+        record.timings = timings  # for the metrics, the access log and the trace
+        encode_at = time.perf_counter()
         response = adapter.encode(Result(model, inference.outputs, images, timings, inputs.options))
+        record.stages = measured_stages(read, images, inference, timings, encode_at)
+        record.batch = inference
+        record.attributes.update(_attributes(model, adapter, images))
+        account.reserve(len(response.body))  # held until it is sent: MemoryExhausted 503
         response.headers["Server-Timing"] = server_timing(timings)
         return response
 
-    async def _read(self, request: Request, adapter: Adapter) -> Any:
+    async def _read(self, request: Request, adapter: Adapter, deadline: asyncio.Timeout) -> Any:
+        """The body, within BODY_TIMEOUT_SECONDS and the request's own deadline: either way a body
+        that does not arrive in time is the client's fault (408), not the server's (504)."""
+        ends = deadline.when()
+        allowed = min(self.settings.body_timeout_seconds, ends - asyncio.get_running_loop().time())
+        deadline.reschedule(None)  # the body's deadline below ends no later
         try:
-            async with asyncio.timeout(self.settings.body_timeout_seconds) as body_deadline:
+            async with asyncio.timeout(allowed) as body_deadline:
                 return await adapter.read(request)
         except TimeoutError:
-            if not body_deadline.expired():  # the request's own, shorter deadline
+            if not body_deadline.expired():
                 raise
-            raise BodyTimedOut(self.settings.body_timeout_seconds) from None
+            raise BodyTimedOut(round(allowed, 3)) from None
         except ClientDisconnect:
             raise ClientClosedRequest() from None
+        finally:
+            deadline.reschedule(ends)
 
-    async def _infer(self, model: ServedModel, inputs: Inputs) -> tuple[list[PreparedImage], Inference]:
+    async def _infer(self, model: ServedModel, inputs: Inputs, account: RequestAccount
+                     ) -> tuple[list[PreparedImage], Inference]:
         if inputs.images is None:
+            account.reserve(inputs.tensor.nbytes)  # the batch handed to onnxruntime is a copy
             return [], await self.engine.infer(model, inputs.tensor)
         prepare_one = functools.partial(
             preprocess.prepare, preprocessing=model.metadata.preprocessing,
             max_pixels=min(self.settings.max_image_pixels, self.settings.max_request_pixels),
-            max_scans=self.settings.max_jpeg_scans)
+            max_scans=self.settings.max_jpeg_scans, reserve=account.reserve,
+            max_working_bytes=account.per_request)
+        self.pool.asking(model.name)
         if len(inputs.images) == 1 and self.engine.idle(model):
             prepared: list[PreparedImage] = []
 
@@ -134,21 +166,21 @@ class Lifecycle:
                 return prepared[0].tensor
 
             return prepared, await self.engine.infer(model, prepare)
-        prepared = await self._prepare_all(inputs.images, prepare_one)
+        prepared = await self._prepare_all(model.name, inputs.images, prepare_one)
         batch = np.concatenate([p.tensor for p in prepared])
         return prepared, await self.engine.infer(model, batch)
 
-    async def _prepare_all(self, images: list[bytes], prepare_one: Callable[[bytes], PreparedImage]
-                           ) -> list[PreparedImage]:
+    async def _prepare_all(self, model: str, images: list[bytes],
+                           prepare_one: Callable[[bytes], PreparedImage]) -> list[PreparedImage]:
         """Each image decoded in the pool, in parallel; past the request's pixel budget the rest
         are cancelled before they start."""
         if len(images) == 1:  # no task to spawn; the pixel limit already bounds one image
-            return [await self._in_pool(prepare_one, images[0])]
+            return [await self.pool.run(model, prepare_one, images[0])]
         spent = 0
 
         async def prepare(data: bytes) -> PreparedImage:
             nonlocal spent
-            image = await self._in_pool(prepare_one, data)
+            image = await self.pool.run(model, prepare_one, data)
             spent += image.width * image.height
             if spent > self.settings.max_request_pixels:
                 raise TooManyPixels(self.settings.max_request_pixels)
@@ -161,27 +193,37 @@ class Lifecycle:
             for task in tasks:
                 task.cancel()
 
-    async def _in_pool(self, function, *args, pool: ThreadPoolExecutor | None = None):
-        return await asyncio.get_running_loop().run_in_executor(pool or self.pool, function, *args)
-
     # For a request that shares one upload among several models (service/compare.py) ----------
-    async def read(self, request: Request, adapter: Adapter) -> Any:
-        """The body, bounded in bytes and time as every request's."""
-        return await self._read(request, adapter)
+    async def read(self, request: Request, adapter: Adapter, deadline: asyncio.Timeout) -> Any:
+        """The body, bounded in bytes and time as every request's, within `deadline`."""
+        return await self._read(request, adapter, deadline)
 
-    def decode(self, data: bytes, preprocessing: Preprocessing) -> preprocess.DecodedImage:
-        """One image opened and decoded under the bounds every image has; on a pool thread."""
+    def decode(self, data: bytes, preprocessing: Preprocessing, account: RequestAccount
+               ) -> preprocess.DecodedImage:
+        """One image opened and decoded under the bounds every image has, its working memory
+        reserved in `account`; on a pool thread."""
         return preprocess.decode(data, preprocessing,
                                  max_pixels=min(self.settings.max_image_pixels, self.settings.max_request_pixels),
-                                 max_scans=self.settings.max_jpeg_scans)
+                                 max_scans=self.settings.max_jpeg_scans, reserve=account.reserve,
+                                 max_working_bytes=account.per_request)
 
-    async def in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
-        """`function(*args)` in the preprocessing pool."""
-        return await self._in_pool(function, *args)
+    async def in_pool(self, owner: str, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the preprocessing pool, on `owner`'s fair share of its threads."""
+        return await self.pool.run(owner, function, *args)
 
     def close(self) -> None:
         for pool in (self.pool, self.parser):
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown()
+
+
+def _attributes(model: ServedModel, adapter: Adapter, images: list[PreparedImage]) -> dict[str, str | int]:
+    """What a person filters this request's trace by."""
+    facts: dict[str, str | int] = {"model.file": model.onnx_file, "model.weights": model.metadata.weights.kind,
+                                   "protocol": type(adapter).__name__.removesuffix("Adapter")}
+    if images:
+        facts.update({"image.width": images[0].width, "image.height": images[0].height,
+                      "image.format": images[0].format, "image.count": len(images)})
+    return facts
 
 
 @asynccontextmanager

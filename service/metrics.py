@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
-STAGES = ("decode", "preprocess", "queue", "inference", "total")
+STAGES = ("load", "decode", "preprocess", "queue", "inference", "total")  # load: on demand only
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Seconds, as Prometheus names them; dense between 1 and 500 ms where these CNNs on CPU live.
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -63,6 +65,17 @@ class Metrics:
         self.model_startup_seconds = Gauge("cnn_serve_model_startup_seconds",
                                            "Session creation (load) and warm-up time",
                                            ["model", "phase"], registry=self.registry)
+        self.model_loads = Counter("cnn_serve_model_loads", "Loads of a model version by outcome "
+                                   "(loaded, failed, incomplete)", ["model", "version", "outcome"],
+                                   registry=self.registry)
+        self.model_unloads = Counter("cnn_serve_model_unloads", "Model versions unloaded (by the API, "
+                                     "a scan, a swap or MAX_LOADED_MODELS)", ["model", "version"],
+                                     registry=self.registry)
+        self.model_load_seconds = Histogram("cnn_serve_model_load_duration_seconds",
+                                            "Time to verify, load and warm up a model version",
+                                            ["model"], buckets=LOAD_BUCKETS, registry=self.registry)
+        self.version_ready = Gauge("cnn_serve_model_version_ready", "1 while a model version serves",
+                                   ["model", "version"], registry=self.registry)
         Gauge("cnn_serve_memory_limit_bytes", "Memory limit of the process's cgroup (a container's "
               "limit); +Inf without one", registry=self.registry).set(memory_limit_bytes())
         self._window = window
@@ -78,8 +91,10 @@ class Metrics:
             for stage in STAGES:
                 self.stage_seconds.labels(model=model, stage=stage)
 
-    def observe_request(self, model: str, status: int, timings_ms: dict[str, float] | None) -> None:
-        """Record one finished prediction request; timings only for successful ones."""
+    def observe_request(self, model: str, status: int, timings_ms: dict[str, float] | None,
+                        trace_ids: tuple[str, str] | None = None) -> None:
+        """Record one finished prediction request; timings only for successful ones. A traced
+        request's trace id becomes the exemplar of the buckets it lands in (OpenMetrics only)."""
         self.requests.labels(model=model, status=str(status)).inc()
         now = time.monotonic()
         with self._lock:
@@ -90,8 +105,9 @@ class Metrics:
                 stats.last = now
             for stage, ms in (timings_ms or {}).items():
                 stats.stages[stage].append(ms)
+        exemplar = {"trace_id": trace_ids[0], "span_id": trace_ids[1]} if trace_ids else None
         for stage, ms in (timings_ms or {}).items():
-            self.stage_seconds.labels(model=model, stage=stage).observe(ms / 1000)
+            self.stage_seconds.labels(model=model, stage=stage).observe(ms / 1000, exemplar)
 
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model=model).observe(size)
@@ -107,8 +123,22 @@ class Metrics:
         if warmup_ms is not None:
             self.model_startup_seconds.labels(model=model, phase="warmup").set(warmup_ms / 1000)
 
+    def observe_load(self, model: str, version: str, seconds: float, outcome: str) -> None:
+        self.model_loads.labels(model=model, version=version, outcome=outcome).inc()
+        self.model_load_seconds.labels(model=model).observe(seconds)
+        if outcome == "loaded":
+            self.version_ready.labels(model=model, version=version).set(1)
+
+    def observe_unload(self, model: str, version: str, why: str) -> None:
+        self.model_unloads.labels(model=model, version=version).inc()
+        self.version_ready.labels(model=model, version=version).set(0)
+
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
+
+    def openmetrics_text(self) -> bytes:
+        """The OpenMetrics exposition: the same series, with the latency buckets' exemplars."""
+        return openmetrics.generate_latest(self.registry)
 
     def summary(self) -> dict:
         """Per model: requests, answers by status, throughput, realised batch sizes and

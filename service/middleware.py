@@ -7,29 +7,41 @@ import os
 import re
 from collections.abc import Callable, Collection
 
+import orjson
+from opentelemetry import context, trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.budget import BODY_COPIES, MemoryBudget
 from service.dataplane import data_plane
 from service.error_responses import error_response
 from service.errors import BodyTooLarge, ShuttingDown
 from service.metrics import COMPARISON, UNKNOWN_MODEL, Metrics
-from service.record import SCOPE_KEY, RequestRecord
+from service.record import SCOPE_KEY, RequestRecord, record_of
+from service.tracing import Tracing, set_error, traceresponse
 
 log = logging.getLogger("service.access")
 REQUEST_ID_HEADER = b"x-request-id"
 # A client's id is echoed and logged only if it cannot forge log lines or bloat them.
 SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
+TRACERESPONSE_HEADER = b"traceresponse"
+# Probes and scrapes come every few seconds and say nothing about a prediction: no spans for them.
+UNTRACED_PATHS = ("/health", "/metrics")
+ERROR_BODY_READ = 4096  # bytes of an error answer read for its `code`, when the request is traced
 
 
 class RequestRecorder:
     """Creates each request's record (service/record.py) and, once the answer is sent, writes its
     log line and its metrics from it: an `X-Request-ID` on every answer (the client's own if sane),
-    requests in flight, and per prediction its model, status and stage timings."""
+    requests in flight, and per prediction its model, status and stage timings. While tracing is
+    on, it continues the caller's trace (service/tracing.py): a server span, current while the app
+    runs, a `traceresponse` header naming it, its trace id in the log line and the exemplars."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, model_names: Callable[[], Collection[str]]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, model_names: Callable[[], Collection[str]],
+                 tracing: Tracing | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.model_names = model_names
+        self.tracing = tracing or Tracing.off()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,34 +49,75 @@ class RequestRecorder:
             return
         request_id = _request_id(scope)
         record = scope[SCOPE_KEY] = RequestRecord(request_id.decode())
+        if self.tracing.enabled and not scope["path"].startswith(UNTRACED_PATHS):
+            record.span = self.tracing.start_server_span(scope["method"], scope["headers"], record.started)
+        error_body = bytearray()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id)]
+                if record.span is not None and (value := traceresponse(record.span)) is not None:
+                    message["headers"].append((TRACERESPONSE_HEADER, value))
+            elif record.span is not None and record.status >= 400 and len(error_body) < ERROR_BODY_READ:
+                error_body.extend(message.get("body", b""))
             await send(message)
 
         self.metrics.in_flight.inc()
+        attached = context.attach(trace.set_span_in_context(record.span)) if record.span else None
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if attached is not None:
+                context.detach(attached)
             self.metrics.in_flight.dec()
             if record.model is not None:
                 # Only served names become label values, so a client cannot grow the series.
                 if record.model not in self.model_names() and record.model != COMPARISON:
                     record.model = UNKNOWN_MODEL
                 self.metrics.observe_request(record.model, record.status,
-                                             record.timings if record.status == 200 else None)
+                                             record.timings if record.status == 200 else None,
+                                             record.trace_ids)
+            if record.span is not None:
+                self._end_span(scope, record, bytes(error_body))
             _log(scope, record)
+
+    def _end_span(self, scope: Scope, record: RequestRecord, error_body: bytes) -> None:
+        """The server span's name, attributes and status, its stage and batch spans, then its end."""
+        span = record.span
+        route = getattr(scope.get("route"), "path", None)
+        span.update_name(f"{scope['method']} {route or scope['path']}")
+        attributes = {"http.request.method": scope["method"], "http.response.status_code": record.status,
+                      **({"http.route": route} if route else {}),
+                      **({"model": record.model} if record.model else {}), **record.attributes}
+        if record.batch is not None:
+            attributes["batch.size"] = record.batch.batch_size
+        code = _error_code(error_body) if record.status >= 400 else None
+        if code is not None:
+            attributes["error.code"] = code
+        span.set_attributes(attributes)
+        set_error(span, code, record.status)
+        if record.stages:
+            self.tracing.stage_spans(span, record.stages, {k: v for k, v in attributes.items()
+                                                           if k.startswith(("model", "batch"))})
+        if record.batch is not None and record.batch.shared_by:
+            self.tracing.batch_span(record.model or "", record.batch.shared_by, record.batch.started,
+                                    record.batch.started + record.batch.inference_ms / 1000)
+        span.end()
 
 
 class BodyLimit:
     """Refuses a body over `limit` bytes (413), from Content-Length when the app starts reading it,
-    and while it streams otherwise; a route that refuses a request first (401) reads nothing."""
+    and while it streams otherwise; a route that refuses a request first (401) reads nothing.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    Each request holds an account of the memory budget until its answer is sent (`request.state.
+    memory`). The body is reserved in it before it is read: Content-Length's worth at the first
+    read, then whatever streams past that; past the budget the read raises MemoryExhausted (503)."""
+
+    def __init__(self, app: ASGIApp, limit: int, budget: MemoryBudget) -> None:
         self.app = app
         self.limit = limit
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,18 +125,27 @@ class BodyLimit:
             return
         received = 0
         announced = _content_length(scope)
+        covered: int | None = None  # body bytes reserved for; None until the app first reads
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, covered
             if announced > self.limit:
                 raise BodyTooLarge(self.limit)
+            if covered is None:
+                account.reserve(announced * BODY_COPIES)
+                covered = announced
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:  # a chunked upload without Content-Length, or a lying one
                 raise BodyTooLarge(self.limit)
+            if received > covered:
+                account.reserve((received - covered) * BODY_COPIES)
+                covered = received
             return message
 
-        await self.app(scope, limited_receive, send)
+        with self.budget.account() as account:
+            record_of(scope).memory = account
+            await self.app(scope, limited_receive, send)
 
 
 class ShutdownAnswer:
@@ -111,7 +173,9 @@ class ShutdownAnswer:
         except asyncio.CancelledError:
             if started or not data_plane(scope["app"]).draining:  # not a shutdown, or too late to answer
                 raise
-            asyncio.current_task().uncancel()
+            task = asyncio.current_task()
+            if task is not None:  # always: uvicorn runs each request in a task
+                task.uncancel()
             await error_response(ShuttingDown())(scope, receive, send)
 
 
@@ -119,14 +183,24 @@ def _log(scope: Scope, record: RequestRecord) -> None:
     path = scope["path"]
     # %r: a path is decoded from the URL and may hold anything, newlines included.
     shown = path if path.isprintable() and " " not in path else repr(path)
+    ids = record.trace_ids
+    traced = f" trace_id={ids[0]} span_id={ids[1]}" if ids else ""
     if record.model is None:
-        log.info("%s %s request_id=%s status=%d total=%.1fms", scope["method"], shown,
-                 record.request_id, record.status, record.elapsed_ms())
+        log.info("%s %s request_id=%s%s status=%d total=%.1fms", scope["method"], shown,
+                 record.request_id, traced, record.status, record.elapsed_ms())
         return
     timings = record.timings or {"total": record.elapsed_ms()}
     stages = " ".join(f"{k}={v:.1f}ms" for k, v in timings.items())
-    log.info("%s %s request_id=%s model=%s status=%d %s", scope["method"], shown, record.request_id,
-             record.model, record.status, stages)
+    log.info("%s %s request_id=%s%s model=%s status=%d %s", scope["method"], shown, record.request_id,
+             traced, record.model, record.status, stages)
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        code = orjson.loads(body).get("code")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

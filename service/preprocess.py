@@ -146,12 +146,15 @@ class Levels:
 
 def _levels(image: Image.Image) -> Levels | None:
     """The levels rule of a 16-bit, 32-bit integer or float image; None for 8-bit modes."""
-    mode, transparent = image.mode, image.info.get("transparency")
+    mode = image.mode
+    transparent = image.info.get("transparency")
     transparent = transparent if isinstance(transparent, int) else None
     if mode.startswith("I;16"):
         return Levels(1 / 257.0, 0, transparent)
     if mode == "I":
-        return Levels(1 / 257.0 if image.getextrema()[1] > 255 else 1, 0, transparent)
+        high = image.getextrema()[1]
+        assert not isinstance(high, tuple)  # one band: (min, max) numbers, not a pair per band
+        return Levels(1 / 257.0 if high > 255 else 1, 0, transparent)
     if mode == "F":
         return _float_levels(image)
     return None
@@ -202,8 +205,8 @@ def to_tensor(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """Resize, centre-crop and normalise an RGB image into a (1, 3, crop, crop) float32 array."""
     p = preprocessing
     width, height = p.resized_size(*image.size)
-    top = int(round((height - p.crop) / 2.0))
-    left = int(round((width - p.crop) / 2.0))
+    top = round((height - p.crop) / 2.0)
+    left = round((width - p.crop) / 2.0)
     sx, sy = image.width / width, image.height / height
     if p.antialias:
         pixels = np.asarray(_filtered_crop(image, p, sx, sy, left, top))
@@ -241,7 +244,9 @@ def _filtered_crop(image: Image.Image, p: Preprocessing, sx: float, sy: float, l
     resample = INTERPOLATION[p.interpolation]
     # The horizontal pass treats each row alone: made band by band, it is the same pass.
     narrow = Image.new("RGB", (p.crop, last - first))
-    for offset, band in zip(range(0, last - first, BAND_ROWS), rgb_bands(image, (0, first, image.width, last))):
+    # strict: rgb_bands yields one band per BAND_ROWS rows of the same span.
+    for offset, band in zip(range(0, last - first, BAND_ROWS), rgb_bands(image, (0, first, image.width, last)),
+                            strict=True):
         narrow.paste(band.resize((p.crop, band.height), resample,
                                  box=(left * sx, 0, (left + p.crop) * sx, band.height)), (0, offset))
     return narrow.resize((p.crop, p.crop), resample,
@@ -261,7 +266,8 @@ def _unfiltered_crop(image: Image.Image, crop: int, sx: float, sy: float, left: 
     box = (int(x_low[0]), int(y_low[0]), int(x_high[-1]) + 1, int(y_high[-1]) + 1)
     sampled = np.unique(np.concatenate([y_low, y_high]))  # only the source rows sampled
     window = np.concatenate([_rows_of(band, sampled, band_top)
-                             for band_top, band in zip(range(box[1], box[3], BAND_ROWS), rgb_bands(image, box))])
+                             for band_top, band in zip(range(box[1], box[3], BAND_ROWS), rgb_bands(image, box),
+                                                       strict=True)])  # one band per BAND_ROWS rows
     window = window.astype(np.float32)
     y_low, y_high = np.searchsorted(sampled, y_low), np.searchsorted(sampled, y_high)
     x_low, x_high = x_low - box[0], x_high - box[0]
@@ -309,6 +315,7 @@ class PreparedImage:
     format: str
     decode_ms: float
     preprocess_ms: float
+    started: float = 0.0  # perf_counter when its decoding began, for its trace spans
 
 
 def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
@@ -321,7 +328,7 @@ def prepare(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,
     decoded_at = time.perf_counter()
     tensor = to_tensor(decoded.image, preprocessing)
     return PreparedImage(tensor, decoded.width, decoded.height, decoded.format,
-                         (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000)
+                         (decoded_at - started) * 1000, (time.perf_counter() - decoded_at) * 1000, started)
 
 
 def preprocess(data: bytes, preprocessing: Preprocessing, max_pixels: int, *,

@@ -12,6 +12,8 @@ from typing import Any
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
+from service.tracing import Stage
+
 SCOPE_KEY = "cnn_serve.record"
 
 
@@ -23,6 +25,20 @@ class RequestRecord:
     status: int = 500  # until an answer starts
     timings: dict[str, float] | None = None  # ms per stage, from the lifecycle
     memory: Any = None  # the request's account of the memory budget, while it holds one
+    # Tracing (service/tracing.py): the server span while the request is traced, and what the
+    # lifecycle measured for its spans: each stage's start and duration, the request's facts.
+    span: Any = None
+    stages: dict[str, Stage] = field(default_factory=dict)
+    attributes: dict[str, str | int] = field(default_factory=dict)  # model, version, protocol, image
+    batch: Any = None  # the service.batching.Inference that answered it
+
+    @property
+    def trace_ids(self) -> tuple[str, str] | None:
+        """The trace id and the server span id, hex, while the request is traced and sampled."""
+        context = self.span.get_span_context() if self.span is not None else None
+        if context is None or not context.trace_flags.sampled:  # an unsampled trace leads nowhere
+            return None
+        return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000

@@ -54,6 +54,26 @@ class Settings(BaseSettings):
     warmup_runs: int = Field(2, ge=0, description="Inferences on a zero image per model before ready.")
     strict_readiness: bool = Field(
         True, description="Readiness stays 503 while any model failed to load (others keep serving).")
+    model_control_mode: Literal["none", "explicit", "poll"] = Field(
+        "none", description="none: every model is loaded at start and the repository API's load and "
+                            "unload are refused; explicit: loaded at start (or only STARTUP_MODELS), "
+                            "then only the API loads, reloads and unloads; poll: the repository is "
+                            "scanned every REPOSITORY_POLL_SECONDS and changes are loaded and "
+                            "unloaded as they appear.")
+    version_policy: str = Field(
+        "latest:1", pattern=r"^(latest:[1-9][0-9]*|all|specific:[1-9][0-9]*(,[1-9][0-9]*)*)$",
+        description="Which versions of a model with numbered version folders are served: latest:K "
+                    "(the K newest), all, or specific:1,3. A request without a version gets the "
+                    "newest ready one.")
+    startup_models: str = Field(
+        "", description="Comma-separated models loaded at start in explicit mode; empty: all.")
+    repository_poll_seconds: PositiveFloat = Field(
+        5.0, description="How often poll mode scans the repository for added, changed and removed "
+                         "models and versions.")
+    max_loaded_models: int = Field(
+        0, ge=0, description="Most models loaded at once (0: no bound). A request for a model not "
+                             "loaded loads it (its Server-Timing has a `load` stage) after unloading "
+                             "the least recently used model no request is using.")
 
     top_k: PositiveInt = Field(5, description="Default number of classes returned by /predict.")
     max_body_bytes: PositiveInt = Field(20 * 1024 * 1024, description="Largest request body accepted.")
@@ -93,6 +113,14 @@ class Settings(BaseSettings):
                          "so a load balancer can stop sending traffic, before the listener closes.")
     graceful_shutdown_seconds: PositiveFloat = Field(
         10.0, description="After the listener closes, longest wait for requests in flight to finish.")
+    memory_budget_bytes: PositiveInt | None = Field(
+        None, description="Memory all predictions may hold at once: bodies being read (multipart "
+                          "spools on disk included), decoded images and their working copies, "
+                          "answers being sent. What a request will hold is reserved before it is "
+                          "spent; past the budget a request is refused with 503 and Retry-After, "
+                          "and an image needing more than a quarter of it with 422. Default: the "
+                          "container's memory limit (cgroup) less the process's resident memory "
+                          "once every model has loaded; without a limit, half of physical memory.")
     # Connections (service/connections.py): what a client must do before its request reaches the app.
     max_connections: PositiveInt | None = Field(
         None, description="Client connections open at once; past it a new one gets 503 with "

@@ -3,6 +3,7 @@ from typing import Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request, Response
+from prometheus_client.openmetrics import exposition as openmetrics
 from pydantic import BaseModel, Field
 
 from contract import ModelMetadata, ModelStatus
@@ -87,10 +88,12 @@ async def get_model(model: str, request: Request) -> ModelInfo:
 
 
 @router.get("/metrics", tags=["metrics"], responses={200: {"content": {
-    "text/plain": {}, "application/json": {"schema": MetricsSummary.model_json_schema()}}}})
+    "text/plain": {}, "application/openmetrics-text": {},
+    "application/json": {"schema": MetricsSummary.model_json_schema()}}}})
 async def get_metrics(request: Request, format: str | None = Query(
         None, pattern="^(prometheus|json|table)$",
-        description="prometheus (default), json (also via Accept: application/json) or table")
+        description="prometheus (default; OpenMetrics, with exemplars, via Accept: "
+                    "application/openmetrics-text), json (also via Accept: application/json) or table")
         ) -> Response:
     metrics = data_plane(request).metrics
     wanted = format or ("json" if "application/json" in request.headers.get("accept", "")
@@ -99,6 +102,8 @@ async def get_metrics(request: Request, format: str | None = Query(
         return Response(orjson.dumps(metrics.summary()), media_type="application/json")
     if wanted == "table":
         return Response(metrics.table(), media_type="text/plain; charset=utf-8")
+    if "application/openmetrics-text" in request.headers.get("accept", ""):
+        return Response(metrics.openmetrics_text(), media_type=openmetrics.CONTENT_TYPE_LATEST)
     return Response(metrics.prometheus_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

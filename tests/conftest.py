@@ -45,11 +45,13 @@ NEEDS_OF_FILES = {
     "test_kubernetes.py": ("tool",),
     "test_megvii_shufflenet.py": ("slow",),
     "test_model_defs_weights.py": ("slow",),
+    "test_model_control.py": ("e2e",),
     "test_open_inference.py": ("e2e",),
     "test_reliability_access.py": ("e2e",),
     "test_reliability_overload.py": ("e2e",),
     "test_reliability_shutdown.py": ("e2e",),
     "test_service_api.py": ("e2e",),
+    "test_tracing_export.py": ("e2e",),
 }
 
 

@@ -84,11 +84,13 @@ def metadata_for(model: SmallModel, onnx_bytes: bytes) -> ModelMetadata:
     })
 
 
-def write_model_folder(repository: Path, model: SmallModel) -> Path:
-    """One model folder: model.onnx, labels.txt and a metadata.json with the file's size and sha256."""
-    folder = repository / model.name
+def write_model_folder(repository: Path, model: SmallModel, seed: int = 0,
+                       version: int | None = None) -> Path:
+    """One model folder (or version folder `<name>/<version>`): model.onnx with weights drawn from
+    `seed`, labels.txt and a metadata.json with the file's size and sha256."""
+    folder = repository / model.name / (str(version) if version is not None else "")
     folder.mkdir(parents=True)
-    onnx_bytes = classifier_graph(model).SerializeToString()
+    onnx_bytes = classifier_graph(model, seed).SerializeToString()
     (folder / MODEL_FILE).write_bytes(onnx_bytes)
     labels = [f"{model.label_set} class {i}" for i in range(model.classes)]
     (folder / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")

@@ -5,24 +5,23 @@ import asyncio
 import numpy as np
 import pytest
 
+from contract import Preprocessing, discover
 from service import engine as engine_module
 from service.engine import Engine, more_threads_win
-from service.errors import InferenceFailed
-from contract import Preprocessing, discover
-from service.errors import UndecodableImage
+from service.errors import InferenceFailed, UndecodableImage
 from service.preprocess import preprocess
 from service.settings import Settings
 
 MODEL = "small_imagenet"  # what is tested is the batcher, not the network: a small 1000-class model
 
 
-def engine_for(small_repository, **settings) -> tuple[Engine, list[int]]:
+def engine_for(small_repository, trim=None, **settings) -> tuple[Engine, list[int]]:
     """An engine serving one model, recording the size of every session.run it makes."""
     sizes: list[int] = []
     folders = [f for f in discover(small_repository) if f.name == MODEL]
     engine = Engine(folders, Settings(model_repository=small_repository,
                                       **{"intra_op_threads": 1, "warmup_runs": 1, **settings}),
-                    on_batch=lambda model, size: sizes.append(size))
+                    on_batch=lambda model, size: sizes.append(size), trim=trim)
     engine.load_all()
     sizes.clear()  # warm-up runs are not served requests
     return engine, sizes
@@ -160,9 +159,8 @@ def test_with_one_thread_or_one_worker_a_model_has_one_session(small_repository)
 def test_the_heap_is_trimmed_once_no_inference_has_run_for_a_while(small_repository, photo_tensors,
                                                                    monkeypatch):
     trims = []
-    monkeypatch.setattr(engine_module, "malloc_trim", lambda pad: trims.append(pad))
     monkeypatch.setattr(engine_module, "IDLE_TRIM_SECONDS", 0.6)
-    engine, _ = engine_for(small_repository)
+    engine, _ = engine_for(small_repository, trim=lambda: trims.append(0))
 
     async def scenario() -> None:
         await engine.infer(engine.model(MODEL), photo_tensors[0])

@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from contract import (ModelFolder, ModelLoadError, ModelMetadata, discover, read_metadata, verify,
-                      write_metadata)
+from contract import (
+    IncompleteModel,
+    ModelFolder,
+    ModelLoadError,
+    ModelMetadata,
+    discover,
+    read_metadata,
+    verify,
+    write_metadata,
+)
 
 MODEL_BYTES = b"stands in for an ONNX graph"
 LABELS = ["cat", "dog"]
@@ -103,3 +111,28 @@ def test_metadata_the_service_could_not_follow_fails_the_model_naming_the_field(
     (folder / "metadata.json").write_text(json.dumps({**written, **change}), encoding="utf-8")
     with pytest.raises(ModelLoadError, match=cause):
         read_metadata(folder)
+
+
+def test_numbered_version_folders_and_a_plain_folder_are_read_in_one_repository(tmp_path):
+    """`<name>/<N>/` holds version N of `name`, named so in its metadata; a plain folder is version 1."""
+    model_folder(tmp_path, "plain")
+    for version in ("2", "10", "1"):
+        model_folder(tmp_path / "versioned", version, metadata_for("versioned"))
+    model_folder(tmp_path / "versioned", "latest", metadata_for("versioned"))
+    model_folder(tmp_path / "versioned", "3", metadata_for("other"))
+    model_folder(tmp_path, ".plain.partial")  # an export being written: not a model yet
+    found = [(f.name, f.version, f.error is None) for f in discover(tmp_path)]
+    assert found == [("plain", "1", True), ("versioned", "latest", False), ("versioned", "1", True),
+                     ("versioned", "2", True), ("versioned", "3", False), ("versioned", "10", True)]
+    errors = {f.version: f.error for f in discover(tmp_path) if f.error}
+    assert "version folder check" in errors["latest"] and "name check" in errors["3"]
+
+
+def test_a_model_file_shorter_than_its_metadata_says_is_incomplete_not_broken(tmp_path):
+    """A copy still under way is told apart from a file that will never verify."""
+    path = model_folder(tmp_path, "tiny", metadata_for("tiny", MODEL_BYTES + b"rest of the file"))
+    with pytest.raises(IncompleteModel, match="size check"):
+        verify(ModelFolder("tiny", path, read_metadata(path)))
+    (path / "model.onnx").unlink()
+    with pytest.raises(IncompleteModel, match="file check"):
+        verify(ModelFolder("tiny", path, read_metadata(path)))

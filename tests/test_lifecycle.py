@@ -28,7 +28,7 @@ async def serving(repository, **settings):
     """The app with its lifespan running and every model loaded, and a client calling it in process."""
     app = create_app(Settings(model_repository=repository, warmup_runs=0, **settings))
     async with app.router.lifespan_context(app):
-        while not app.state.engine.loading_done:
+        while not app.state.data_plane.engine.loading_done:
             await asyncio.sleep(0.01)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
@@ -134,12 +134,28 @@ def test_an_image_over_the_pixel_limit_is_413_whichever_the_protocol(repository,
     refused(asyncio.run(scenario()), 413, "image_too_large", "300x200", "50000")
 
 
+def slow_png() -> bytes:
+    """A 6000 x 6600 gradient (just under MAX_IMAGE_PIXELS): tens of KB to send, longer than the
+    deadline below to decode even on a quiet machine."""
+    ramp = np.add.outer(np.arange(6600), np.arange(6000)) % 256
+    return encode(Image.fromarray(ramp.astype(np.uint8), "L").convert("RGB"), "PNG", compress_level=9)
+
+
 @pytest.mark.parametrize("protocol", [*IMAGE_PROTOCOLS, infer_tensor])
 def test_past_the_deadline_a_request_is_504_whichever_the_protocol(repository, photos, protocol):
     async def scenario():
-        async with serving(repository, request_timeout_seconds=0.2) as client:
-            late = await client.request(**stalled(protocol([photo(photos)]), 1.0))
-            on_time = await client.request(**protocol([photo(photos)]))
+        async with serving(repository, request_timeout_seconds=0.2, inference_workers=1,
+                           preprocess_workers=1) as client:
+            # Decoded on the only inference worker, so the next request waits for it.
+            blocker = asyncio.ensure_future(client.put(f"/predict/{MODEL}", content=slow_png()))
+            await asyncio.sleep(0.05)
+            late = await client.request(**protocol([photo(photos)]))
+            await blocker
+            for _ in range(100):  # once the blocker's decode, which cannot be stopped, is over
+                on_time = await client.request(**protocol([photo(photos)]))
+                if on_time.status_code != 504:
+                    break
+                await asyncio.sleep(0.1)
         return late, on_time
 
     late, on_time = asyncio.run(scenario())

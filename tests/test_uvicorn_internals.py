@@ -197,7 +197,7 @@ def test_a_connection_carries_the_state_and_calls_the_hooks_bounded_http_protoco
 def test_config_takes_a_protocol_factory_as_http_and_hands_it_out_as_http_protocol_class():
     require_call(uvicorn.Config, "__init__", MAIN, "app", host="127.0.0.1", port="8000", log_level="info",
                  access_log="False", http="factory", ws="none", timeout_keep_alive="5.0", backlog="2048",
-                 timeout_graceful_shutdown="30.0")
+                 timeout_graceful_shutdown="30.0", lifespan="off", log_config="None")
 
     def factory(**kwargs: Any) -> asyncio.Protocol:
         return asyncio.Protocol()

@@ -5,6 +5,7 @@ with; beside them, the shared stages' timings and how far the models agree. The 
 `service/compare.py`'s.
 """
 from itertools import combinations
+from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,7 +18,8 @@ from service.metrics import COMPARISON, server_timing
 from service.protocols.upload import UPLOAD_BODY, ImageInfo, PredictAdapter, PredictResponse
 from service.record import record_of
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
 
 
 class ModelError(ErrorBody):
@@ -108,8 +110,9 @@ async def compare(request: Request,
     shared = comparison.timings
     record.timings = {stage: shared[stage] for stage in ("decode", "preprocess", "total")}
     exclude = None if input_image else {"results": {"__all__": {"input_image"}}}
-    return Response(compared(comparison, adapter).model_dump_json(exclude=exclude),
-                    media_type="application/json", headers={"Server-Timing": server_timing(shared)})
+    body = compared(comparison, adapter).model_dump_json(exclude=exclude)
+    record.memory.reserve(len(body))  # held until it is sent: MemoryExhausted 503
+    return Response(body, media_type="application/json", headers={"Server-Timing": server_timing(shared)})
 
 
 for method, upload in (("POST", "multipart field file, or raw body"), ("PUT", "raw body, as curl -T sends it")):

@@ -49,6 +49,8 @@ class ImageInfo(BaseModel):
 class Timings(BaseModel):
     """Milliseconds per stage of this request; `total` runs from the route's start to its end."""
 
+    load: float | None = Field(None, description="Only when this request loaded the model "
+                                                "(MAX_LOADED_MODELS had left it out).")
     decode: float
     preprocess: float
     queue: float = Field(description="Wait for a free inference worker.")
@@ -58,6 +60,7 @@ class Timings(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
+    version: str = Field(description="The model version that answered.")
     weights: WeightsInfo
     predictions: list[Prediction]
     image: ImageInfo
@@ -99,7 +102,8 @@ class PredictAdapter:
         model, image = result.model, result.images[0]
         predictions = [Prediction(label=model.labels[i], class_id=i, probability=p) for i, p in
                        best_classes(result.outputs[0], model.metadata.output.kind, result.options)]
-        return PredictResponse(model=model.name, weights=weights_info(model.metadata), predictions=predictions,
+        return PredictResponse(model=model.name, version=model.version,
+                               weights=weights_info(model.metadata), predictions=predictions,
                                image=ImageInfo(width=image.width, height=image.height,
                                                format=image.format),
                                timings_ms=Timings(**result.timings),

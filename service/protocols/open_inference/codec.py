@@ -63,10 +63,10 @@ def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata,
     given = request.inputs[0]
     if given.shape and given.shape[0] > max_images:
         raise TooManyImages(given.shape[0], max_images)
-    raw = _binary_data(given, binary)
+    data = _input_data(given, binary)
     if given.datatype == "BYTES":
-        return DecodedRequest(request, wanted, _encoded_images(given, raw, meta), None)
-    return DecodedRequest(request, wanted, None, _tensor(given, raw, meta))
+        return DecodedRequest(request, wanted, _encoded_images(given, data, meta), None)
+    return DecodedRequest(request, wanted, None, _tensor(given, data, meta))
 
 
 def _split_body(body: bytes, header_length: str | None, max_json_values: int
@@ -103,7 +103,7 @@ def _wanted_outputs(body: InferenceRequest, meta: ModelMetadata) -> list[WantedO
     all_binary = body.parameters.get("binary_data_output") is True
     if not body.outputs:  # none named: every output
         return [WantedOutput(meta.output.name, all_binary, None)]
-    wanted = []
+    wanted: list[WantedOutput] = []
     for output in body.outputs:
         if output.name != meta.output.name:
             raise InvalidInferenceRequest(f"unknown output {output.name!r}; the model's output is "
@@ -119,21 +119,23 @@ def _wanted_outputs(body: InferenceRequest, meta: ModelMetadata) -> list[WantedO
     return wanted
 
 
-def _binary_data(given: RequestInput, binary: bytes) -> bytes | None:
-    """The input's binary data, or None when it comes as JSON `data`."""
+def _input_data(given: RequestInput, binary: bytes) -> bytes | list[Any]:
+    """The input's data: its binary bytes, or its JSON `data` list."""
     size = given.parameters.get("binary_data_size")
     if size is None and binary:
         raise InvalidInferenceRequest(f"{len(binary)} bytes follow the JSON header but input "
                                       f"{given.name!r} has no binary_data_size")
-    if size is not None and size != len(binary):
-        raise InvalidInferenceRequest(f"input {given.name!r} says binary_data_size {size} but "
-                                      f"{len(binary)} bytes follow the JSON header")
-    if size is None and given.data is None:
+    if size is not None:
+        if size != len(binary):
+            raise InvalidInferenceRequest(f"input {given.name!r} says binary_data_size {size} but "
+                                          f"{len(binary)} bytes follow the JSON header")
+        return binary
+    if given.data is None:
         raise InvalidInferenceRequest(f"input {given.name!r} has neither data nor binary_data_size")
-    return binary if size is not None else None
+    return given.data
 
 
-def _tensor(given: RequestInput, raw: bytes | None, meta: ModelMetadata) -> np.ndarray:
+def _tensor(given: RequestInput, data: bytes | list[Any], meta: ModelMetadata) -> np.ndarray:
     declared = meta.input.shape
     datatype = DATATYPES[meta.input.dtype]
     if given.name != meta.input.name or given.datatype != datatype:
@@ -141,35 +143,35 @@ def _tensor(given: RequestInput, raw: bytes | None, meta: ModelMetadata) -> np.n
             f"input {given.name!r} {given.datatype}: the model takes {meta.input.name!r} "
             f"{datatype} {wire_shape(declared)} or {IMAGE_INPUT!r} BYTES [N]")
     if len(given.shape) != len(declared) or given.shape[0] < 1 or any(
-            d is not None and d != s for d, s in zip(declared, given.shape)):
+            d is not None and d != s for d, s in zip(declared, given.shape, strict=True)):
         raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape}; the model "
                                       f"takes {wire_shape(declared)} (-1: any batch size from 1)")
     count = math.prod(given.shape)
-    if raw is not None:
-        if len(raw) != count * 4:
-            raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs "
-                                          f"{count * 4} bytes of FP32, got {len(raw)}")
-        array = np.frombuffer(raw, dtype="<f4")
-    else:
-        array = _json_numbers(given)
+    if isinstance(data, list):
+        array = _json_numbers(given.name, data)
         if array.size != count:
             raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs {count} "
                                           f"numbers, got {array.size}")
+    else:
+        if len(data) != count * 4:
+            raise InvalidInferenceRequest(f"input {given.name!r} of shape {given.shape} needs "
+                                          f"{count * 4} bytes of FP32, got {len(data)}")
+        array = np.frombuffer(data, dtype="<f4")
     if not np.isfinite(array).all():  # NaN, Infinity, or beyond FP32's range, as 1e39 is
         raise InvalidInferenceRequest(f"input {given.name!r} holds values that are not finite FP32 "
                                       "numbers (NaN, Infinity, null or beyond +-3.4e38)")
     return array.reshape(given.shape)
 
 
-def _json_numbers(given: RequestInput) -> np.ndarray:
+def _json_numbers(name: str, data: list[Any]) -> np.ndarray:
     """JSON numbers as float32; booleans, strings and nulls are refused, not read as 1, 0 or NaN."""
     try:
-        values = np.asarray(given.data, dtype=object).ravel()
+        values = np.asarray(data, dtype=object).ravel()
         numbers = set(map(type, values)) <= {int, float}
     except ValueError:  # nesting numpy cannot shape
         numbers = False
     if not numbers:
-        raise InvalidInferenceRequest(f"data of input {given.name!r} is not a (nested) list of "
+        raise InvalidInferenceRequest(f"data of input {name!r} is not a (nested) list of "
                                       "numbers")
     with np.errstate(over="ignore"):  # a too large number becomes inf, refused by the caller
         try:
@@ -178,7 +180,7 @@ def _json_numbers(given: RequestInput) -> np.ndarray:
             return np.full(values.size, np.inf, np.float32)
 
 
-def _encoded_images(given: RequestInput, raw: bytes | None, meta: ModelMetadata) -> list[bytes]:
+def _encoded_images(given: RequestInput, data: bytes | list[Any], meta: ModelMetadata) -> list[bytes]:
     if given.name not in (IMAGE_INPUT, meta.input.name):
         raise InvalidInferenceRequest(f"BYTES input {given.name!r}: encoded images go in "
                                       f"{IMAGE_INPUT!r} (or {meta.input.name!r})")
@@ -186,13 +188,13 @@ def _encoded_images(given: RequestInput, raw: bytes | None, meta: ModelMetadata)
         raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape}; encoded "
                                       "images take shape [N], N >= 1")
     count = given.shape[0]
-    if raw is None and len(given.data) != count:
-        raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape} but holds "
-                                      f"{len(given.data)} images")
-    if raw is not None:
-        images = _length_prefixed(raw, count, given)
+    if isinstance(data, list):
+        if len(data) != count:
+            raise InvalidInferenceRequest(f"input {given.name!r} has shape {given.shape} but holds "
+                                          f"{len(data)} images")
+        images = [_base64(item) for item in data]
     else:
-        images = [_base64(item) for item in given.data]
+        images = _length_prefixed(data, count, given)
     if any(not image for image in images):
         raise InvalidInferenceRequest(f"input {given.name!r} holds an empty element: each element "
                                       "must be one encoded image file")
@@ -203,7 +205,8 @@ def _length_prefixed(raw: bytes, count: int, given: RequestInput) -> list[bytes]
     """The `count` BYTES elements the shape declares, as the binary extension lays them out: 4-byte
     LE length, then the bytes. Never more are read: a body of millions of empty elements costs
     no more than one of `count` images."""
-    elements, offset = [], 0
+    elements: list[bytes] = []
+    offset = 0
     while offset < len(raw) and len(elements) < count:
         if offset + LENGTH_PREFIX.size > len(raw):
             raise InvalidInferenceRequest("BYTES data ends inside an element's 4-byte length")
@@ -236,12 +239,14 @@ def encode_output(wanted: WantedOutput, scores: np.ndarray, meta: ModelMetadata,
         rows = [[f"{p}:{i}:{labels[i]}".encode()
                  for i, p in best_classes(row, meta.output.kind, wanted.classification)]
                 for row in scores]
-        shape, datatype = [len(rows), wanted.classification], "BYTES"
+        shape = [len(rows), wanted.classification]
+        datatype = "BYTES"
         elements = [s for row in rows for s in row]
         raw = b"".join(LENGTH_PREFIX.pack(len(s)) + s for s in elements) if wanted.binary else b""
         data = [s.decode() for s in elements]
     else:
-        shape, datatype = list(scores.shape), DATATYPES[meta.output.dtype]
+        shape = list(scores.shape)
+        datatype = DATATYPES[meta.output.dtype]
         raw = np.ascontiguousarray(scores, dtype="<f4").tobytes() if wanted.binary else b""
         data = scores.ravel().tolist()
     if wanted.binary:

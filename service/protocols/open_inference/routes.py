@@ -9,6 +9,7 @@ Not supported: raw binary requests (`Inference-Header-Content-Length: 0`), compr
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from starlette.types import Receive, Scope, Send
@@ -17,7 +18,6 @@ from service.auth import INFERENCE_DEPENDENCIES
 from service.dataplane import data_plane
 from service.engine import ServedModel
 from service.error_responses import ErrorBody, json_response
-from service.errors import UnknownModelVersion
 from service.lifecycle import Inputs, Result
 from service.protocols.open_inference.codec import (
     DATATYPES,
@@ -40,10 +40,9 @@ from service.protocols.open_inference.wire import (
     inlined_schema,
 )
 
-VERSION = "1"  # a repository folder holds one version of its model
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification"]
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
 # An answer of more values than this is encoded in a worker thread, not on the event loop, where
 # health checks and every other request would wait for it. A classification string costs several
 # numbers' work, so it counts as STRING_VALUES values.
@@ -97,8 +96,8 @@ class OpenInferenceAdapter:
         decoded: DecodedRequest = result.options
         model = result.model
         outputs, binaries = zip(*(encode_output(w, result.outputs, model.metadata, model.labels)
-                                  for w in decoded.wanted))
-        header = InferenceResponse(model_name=model.name, model_version=VERSION, id=decoded.body.id,
+                                  for w in decoded.wanted), strict=True)  # each is an (output, binary) pair
+        header = InferenceResponse(model_name=model.name, model_version=model.version, id=decoded.body.id,
                                    outputs=list(outputs)).model_dump_json(exclude_none=True).encode()
         if not any(b is not None for b in binaries):
             return Response(header, media_type="application/json")
@@ -143,8 +142,9 @@ async def model_ready(model: str, request: Request, version: str | None = None) 
 async def model_metadata(model: str, request: Request, version: str | None = None
                          ) -> ModelMetadataResponse:
     meta = _served(request, model, version).metadata
+    versions = [v for v, state in data_plane(request).engine.versions[model].items() if state.served]
     return ModelMetadataResponse(
-        name=model, versions=[VERSION], platform=PLATFORM,
+        name=model, versions=versions, platform=PLATFORM,
         inputs=[TensorMetadata(name=meta.input.name, datatype=DATATYPES[meta.input.dtype],
                                shape=wire_shape(meta.input.shape)),
                 TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])],
@@ -157,14 +157,10 @@ async def model_metadata(model: str, request: Request, version: str | None = Non
 @inference_router.post("/models/{model}/versions/{version}/infer", openapi_extra=INFER_BODY,
                        responses={200: {"model": InferenceResponse}, **ERRORS})
 async def infer(model: str, request: Request, version: str | None = None) -> Response:
-    _served(request, model, version)
     plane = data_plane(request)
     adapter = OpenInferenceAdapter(plane.settings.max_json_values, plane.settings.max_images_per_request)
-    return await plane.lifecycle.handle(request, model, adapter)
+    return await plane.lifecycle.handle(request, model, adapter, version)
 
 
 def _served(request: Request, model: str, version: str | None) -> ServedModel:
-    served = data_plane(request).engine.model(model)
-    if version is not None and version != VERSION:
-        raise UnknownModelVersion(model, version, [VERSION])
-    return served
+    return data_plane(request).engine.model(model, version)

@@ -1,0 +1,140 @@
+"""Traces from a real server process, configured only by the standard OTEL_* variables, reaching a
+tiny OTLP/HTTP collector in the test; the access log and the OpenMetrics exemplars carry the trace
+id; without the variables nothing is traced; a collector that never answers costs spans, not
+latency."""
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from tests.service_fixtures import free_port, metric
+
+MODEL = "small_imagenet"
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+QUICK_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}  # ms: the batch processor sends within the test
+
+
+@pytest.fixture(scope="module")
+def served_repository(small_repository):
+    return small_repository
+
+
+class Collector:
+    """An OTLP/HTTP trace receiver on loopback: keeps every span it is sent, with its resource."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[dict, object]] = []  # (resource attributes, span)
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                export = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+                for resource_spans in export.resource_spans:
+                    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    collector.spans += [(resource, span) for scope in resource_spans.scope_spans
+                                        for span in scope.spans]
+                body = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, trace_id: str, count: int, timeout: float = 10) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [(r, s) for r, s in self.spans if s.trace_id.hex() == trace_id]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        return [(r, s) for r, s in self.spans if s.trace_id.hex() == trace_id]
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[Collector]:
+    receiver = Collector()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@contextmanager
+def silent_collector() -> Iterator[str]:
+    """A port that accepts connections and never reads or answers them."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def predict(server, photos, **headers: str) -> httpx.Response:
+    return httpx.put(f"{server.url}/predict/{MODEL}", content=photos["coffee"].read_bytes(),
+                     headers=headers, timeout=30)
+
+
+def test_spans_reach_the_collector_named_by_the_otel_variables(served, collector, photos):
+    server = served([MODEL], OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_SERVICE_NAME="vision-edge",
+                    **QUICK_EXPORT)
+    response = predict(server, photos, traceparent=TRACEPARENT)
+    assert response.status_code == 200
+    assert response.headers["traceresponse"].startswith(f"00-{TRACE_ID}-")
+    spans = collector.wait_for(TRACE_ID, 7)
+    names = {span.name for _, span in spans}
+    assert {"PUT /predict/{model}", "read", "decode", "preprocess", "queue", "inference", "encode"} <= names
+    assert {resource["service.name"] for resource, _ in spans} == {"vision-edge"}
+
+    server_span_id = response.headers["traceresponse"].split("-")[2]
+    assert re.search(rf"trace_id={TRACE_ID} span_id={server_span_id} model={MODEL} status=200",
+                     server.log.read_text())
+    openmetrics = httpx.get(f"{server.url}/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert f'# {{span_id="{server_span_id}",trace_id="{TRACE_ID}"}}' in openmetrics.text
+    prometheus = httpx.get(f"{server.url}/metrics")
+    assert prometheus.headers["content-type"].startswith("text/plain")
+    assert TRACE_ID not in prometheus.text
+
+
+def test_without_the_variables_or_with_the_sdk_disabled_nothing_is_traced(served, photos):
+    collector = Collector()
+    plain = served([MODEL], **QUICK_EXPORT)
+    disabled = served([MODEL], OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_SDK_DISABLED="true",
+                      **QUICK_EXPORT)
+    for server in (plain, disabled):
+        response = predict(server, photos, traceparent=TRACEPARENT)
+        assert response.status_code == 200 and "traceresponse" not in response.headers
+        assert "trace_id=" not in server.log.read_text()
+    time.sleep(0.5)  # ten times the schedule delay
+    collector.server.shutdown()
+    assert collector.spans == []
+
+
+def test_a_collector_that_never_answers_costs_spans_not_latency(served, photos):
+    with silent_collector() as endpoint:
+        server = served([MODEL], OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_MAX_QUEUE_SIZE="8",
+                        OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4",
+                        **QUICK_EXPORT)
+        latencies = []
+        for _ in range(40):
+            started = time.perf_counter()
+            assert predict(server, photos).status_code == 200
+            latencies.append(time.perf_counter() - started)
+        text = httpx.get(f"{server.url}/metrics").text
+    assert max(latencies) < 2.0, latencies  # an export blocking a request would wait out its timeout
+    assert metric(text, "cnn_serve_trace_spans_dropped_total", reason="queue_full") > 0
