@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test test-fast bench docs grpc-stubs lint lock clean docker docker-setup ci
+.PHONY: setup export run test test-fast bench bench-compare docs grpc-stubs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,10 @@ lock: setup
 # Service vs the plain FastAPI baseline and bare onnxruntime, every model, 1 and 16 clients.
 bench: setup export
 	$(BIN)/python -m bench --image tests/data/coffee.jpg --model-repository $(REPO) --baseline
+
+# Server CPU per photo: one /compare of every model against one /predict per model.
+bench-compare: setup export
+	$(BIN)/python -m bench.compare --image tests/data/coffee.jpg --model-repository $(REPO)
 
 docker:
 	docker build --build-arg WEIGHTS="$(WEIGHTS)" -t $(IMAGE) .

@@ -22,7 +22,7 @@ from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
 from service.model_control import by_model
-from service.protocols import open_inference, predict
+from service.protocols import compare, open_inference, predict
 from service.protocols.open_inference import extensions
 from service.settings import Settings
 from service.tracing import Tracing
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     # The extensions first: /v2/models/stats is not the metadata of a model named "stats".
-    for router in (predict.router, extensions.router, open_inference.router,
+    for router in (predict.router, compare.router, extensions.router, open_inference.router,
                    open_inference.inference_router, open_inference.repository_router,
                    status.router, page.router):
         app.include_router(router)

@@ -45,6 +45,7 @@ from service.errors import (
     TooManyConnections,
     TooManyFiles,
     TooManyImages,
+    TooManyModels,
     TooManyPixels,
     TopKOutOfRange,
     Unauthorized,
@@ -105,6 +106,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     MemoryExhausted: (503, "memory_exhausted"),
     ModelControlDisabled: (409, "model_control_disabled"),
     ModelLoadFailed: (400, "model_load_failed"),
+    TooManyModels: (422, "too_many_models"),
 }
 
 

@@ -231,3 +231,9 @@ class ModelLoadFailed(ServiceError):
 
     def __init__(self, model: str, reason: str) -> None:
         super().__init__(f"model {model!r} not loaded: {reason}", reason=reason)
+
+
+class TooManyModels(ServiceError):
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} models to compare; the limit is {limit} (MAX_COMPARE_MODELS): name "
+                         "fewer with ?models=", limit=limit)

@@ -35,6 +35,7 @@ import numpy as np
 from fastapi import Request, Response
 from starlette.requests import ClientDisconnect
 
+from contract import Preprocessing
 from service import preprocess
 from service.admission import Admission
 from service.batching import Inference
@@ -240,6 +241,24 @@ class Lifecycle:
             for task in tasks:
                 task.cancel()
 
+    # For a request that shares one upload among several models (service/compare.py) ----------
+    async def read(self, request: Request, adapter: Adapter, deadline: asyncio.Timeout) -> Any:
+        """The body, bounded in bytes and time as every request's, within `deadline`."""
+        return await self._read(request, adapter, deadline)
+
+    def decode(self, data: bytes, preprocessing: Preprocessing, account: RequestAccount
+               ) -> preprocess.DecodedImage:
+        """One image opened and decoded under the bounds every image has, its working memory
+        reserved in `account`; on a pool thread."""
+        return preprocess.decode(data, preprocessing,
+                                 max_pixels=min(self.settings.max_image_pixels, self.settings.max_request_pixels),
+                                 max_scans=self.settings.max_jpeg_scans, reserve=account.reserve,
+                                 max_working_bytes=account.per_request)
+
+    async def in_pool(self, owner: str, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the preprocessing pool, on `owner`'s fair share of its threads."""
+        return await self.pool.run(owner, function, *args)
+
     def close(self) -> None:
         for pool in (self.pool, self.parser):
             pool.shutdown()
@@ -277,3 +296,6 @@ async def _cancelled_when_client_leaves(call: Call) -> AsyncIterator[None]:
         raise ClientClosedRequest() from None
     finally:
         watcher.cancel()
+
+
+cancelled_when_client_leaves = _cancelled_when_client_leaves  # for paths beside `handle`

@@ -24,6 +24,7 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
                    0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 UNKNOWN_MODEL = "_unknown"  # label for requests naming no served model, so labels stay bounded
+COMPARISON = "_compare"  # label of /compare requests: their shared read, decode and preprocessing
 # The statuses the alert rules (deploy/prometheus/alerts.yml) divide by.
 ALERTED_STATUSES = ("200", "500", "503", "504")
 PROTOCOLS = ("http", "grpc")  # what carried a prediction: /predict and REST OIP, or gRPC OIP

@@ -15,7 +15,7 @@ from service.budget import BODY_COPIES, MemoryBudget
 from service.dataplane import data_plane
 from service.error_responses import error_response
 from service.errors import BodyTooLarge, ShuttingDown
-from service.metrics import UNKNOWN_MODEL, Metrics
+from service.metrics import COMPARISON, UNKNOWN_MODEL, Metrics
 from service.record import SCOPE_KEY, RequestRecord, record_of
 from service.tracing import Tracing, set_error, traceresponse
 
@@ -73,7 +73,7 @@ class RequestRecorder:
             self.metrics.in_flight.dec()
             if record.model is not None:
                 # Only served names become label values, so a client cannot grow the series.
-                if record.model not in self.model_names():
+                if record.model not in self.model_names() and record.model != COMPARISON:
                     record.model = UNKNOWN_MODEL
                 self.metrics.observe_request(record.model, record.status,
                                              record.timings if record.status == 200 else None,

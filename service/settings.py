@@ -91,6 +91,9 @@ class Settings(BaseSettings):
                          "decoded over the whole image, so more are refused with 422 before decoding.")
     max_image_pixels: PositiveInt = Field(40_000_000, description="Largest decoded image (width x height).")
     stats_window: PositiveInt = Field(10_000, description="Recent requests per model kept for percentiles.")
+    max_compare_models: PositiveInt = Field(
+        64, description="Most models one /compare may run; 422 above. Each takes one of its "
+                        "model's in-flight slots while the comparison runs.")
 
     # Reliability: overload, time limits, shutdown, access.
     max_in_flight_per_model: PositiveInt = Field(

@@ -35,6 +35,7 @@ NEEDS_OF_FIXTURES = {
 # their own fixtures or bodies rather than through the fixtures above, or cost (`slow`).
 NEEDS_OF_FILES = {
     "test_bench.py": ("e2e",),
+    "test_compare.py": ("e2e",),
     "test_comparison_page.py": ("e2e", "browser"),
     "test_container.py": ("container", "export"),  # the image build runs the export
     "test_deploy.py": ("e2e", "container", "tool"),

@@ -1,7 +1,8 @@
 """The comparison page at `/`, in a real headless Chromium (Debian's `chromium` and `chromium-driver`)
-driven by Selenium, against a real server: every model listed, a photo through every model with the
-same top-1 as `/predict`, live charts with data, nothing loaded from elsewhere, no console errors,
-usable at phone width and with 40 models, and the API key asked for once.
+driven by Selenium, against a real server: every model listed, a photo through every model (one
+`/compare` per photo) with the same top-1 as `/predict`, live charts with data, nothing loaded
+from elsewhere, no console errors, usable at phone width and with 40 models, and the API key asked
+for once.
 
 The screenshots are saved under `test-artifacts/` (ignored by git) for a person to look at.
 """
@@ -129,6 +130,21 @@ def test_a_photo_through_the_page_gets_each_models_top1_from_predict(browser, se
         size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", seen)
         crop = model["metadata"]["preprocessing"]["crop"]
         assert size == [crop, crop], model["name"]
+
+
+def test_the_page_sends_one_compare_per_photo_running_the_models_one_after_another(browser, server, listed,
+                                                                                  photos):
+    open_page(browser, server, len(listed))
+    for photo in ("chelsea", "coffee"):
+        upload(browser, photos[photo], len(listed))
+        wait_until(browser, lambda d, photo=photo: photo in d.find_element(By.ID, "photo-caption").text
+                   and len(d.find_elements(By.CSS_SELECTOR, "#results .card[data-done='true']")) == len(listed),
+                   f"every model's answer about {photo}")
+    paths = [urlsplit(u) for u in requested_urls(browser)]
+    compares = [u for u in paths if u.path == "/compare"]
+    assert len(compares) == 2, compares
+    assert all("sequential=true" in u.query and "input_image=true" in u.query for u in compares)
+    assert not [u for u in paths if u.path.startswith("/predict/")]
 
 
 def test_after_traffic_the_charts_have_data_and_nothing_left_loopback(browser, server, listed, photos):

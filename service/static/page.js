@@ -146,18 +146,33 @@ function showPrediction(card, body) {
     body.weights.note ? element("p", { class: "note warn" }, body.weights.note) : null);
 }
 
-async function predictOne(model, file, card) {
+function showError(card, message) {
+  card.querySelector(".state").replaceWith(element("p", { class: "bad error" }, message));
+}
+
+// One /compare per photo: the service decodes it once and runs every model on it, one after
+// another unless asked for all at once (their latencies then interfere).
+async function compareAll(models, file, cards) {
   const form = new FormData();
   form.append("file", file);
+  const names = models.map((m) => m.name).join(",");
+  const sequential = $("#parallel").checked ? "" : "&sequential=true";
+  let body;
   try {
-    const response = await call(`/predict/${encodeURIComponent(model.name)}?top_k=5&input_image=true`,
+    const response = await call(`/compare?models=${encodeURIComponent(names)}&top_k=5&input_image=true${sequential}`,
       { method: "POST", body: form });
     if (!response.ok) throw new Error(await failure(response));
-    showPrediction(card, await response.json());
+    body = await response.json();
   } catch (error) {
-    card.querySelector(".state").replaceWith(element("p", { class: "bad error" }, error.message));
+    body = { results: {} };
+    for (const m of models) body.results[m.name] = { error: error.message };
   }
-  card.dataset.done = "true";
+  models.forEach((m, i) => {
+    const entry = body.results[m.name] || { error: "no answer" };
+    if (entry.predictions) showPrediction(cards[i], entry);
+    else showError(cards[i], entry.code ? `${entry.error} (${entry.http_status} ${entry.code})` : entry.error);
+    cards[i].dataset.done = "true";
+  });
 }
 
 async function classify(file) {
@@ -172,11 +187,7 @@ async function classify(file) {
   if (ready.length === 0) { notice("No model is ready yet."); return; }
   const cards = ready.map(resultCard);
   $("#results").replaceChildren(...cards);
-  if ($("#parallel").checked) {
-    await Promise.all(ready.map((m, i) => predictOne(m, file, cards[i])));
-  } else {
-    for (const [i, m] of ready.entries()) await predictOne(m, file, cards[i]);  // one at a time
-  }
+  await compareAll(ready, file, cards);
   refreshLatency();
 }
 
