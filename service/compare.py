@@ -37,7 +37,7 @@ from service.dataplane import DataPlane
 from service.engine import Engine, ServedModel
 from service.error_responses import status_and_code
 from service.errors import ServiceError, TooManyModels, UnknownModel
-from service.lifecycle import Adapter, Inputs, Result, cancelled_when_client_leaves
+from service.lifecycle import HttpAdapter, HttpCall, Inputs, Result, cancelled_when_client_leaves
 from service.metrics import COMPARISON
 from service.preprocess import DecodedImage, PreparedImage, to_tensor
 from service.record import record_of
@@ -86,17 +86,18 @@ def chosen_models(engine: Engine, names: list[str] | None, limit: int) -> list[s
     return names
 
 
-async def compare(plane: DataPlane, request: Request, names: list[str], adapter: Adapter,
+async def compare(plane: DataPlane, request: Request, names: list[str], adapter: HttpAdapter,
                   sequential: bool) -> Comparison:
     """Read the upload once, prepare it once per preprocessing, and run each named model on it."""
     started = time.perf_counter()
     lifecycle, admission, engine = plane.lifecycle, plane.admission, plane.engine
     account: RequestAccount = record_of(request).memory  # the body is reserved as it is read
     errors: dict[str, ServiceError] = {}
+    call = HttpCall(request, adapter)
     async with admission.deadline(COMPARISON) as deadline:  # RequestTimedOut 504: the whole comparison
-        payload = await lifecycle.read(request, adapter, deadline)  # BodyTimedOut 408, gone 499
+        payload = await lifecycle.read(call, deadline)  # BodyTimedOut 408, gone 499
         read_ms = (time.perf_counter() - started) * 1000
-        async with AsyncExitStack() as held, cancelled_when_client_leaves(request):
+        async with AsyncExitStack() as held, cancelled_when_client_leaves(call):
             admitted: dict[str, Admitted] = {}
             for name in names:
                 try:
@@ -124,7 +125,7 @@ class Admitted:
     load_ms: float  # loading it first, when MAX_LOADED_MODELS had left it out; else 0
 
 
-async def _admit(engine: Engine, admission: Admission, held: AsyncExitStack, name: str, adapter: Adapter,
+async def _admit(engine: Engine, admission: Admission, held: AsyncExitStack, name: str, adapter: HttpAdapter,
                  payload: Any) -> Admitted:
     """The model, held and admitted for the comparison, as its /predict would be; or its error."""
     model, load_ms = await engine.acquire(name)  # ModelUnavailable 503; loaded first if evicted

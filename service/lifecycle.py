@@ -62,7 +62,14 @@ class Inputs:
 
     @property
     def count(self) -> int:
-        return len(self.images) if self.images is not None else self.tensor.shape[0]
+        return len(self.images) if self.images is not None else len(self.given_tensor)
+
+    @property
+    def given_tensor(self) -> np.ndarray:
+        """The client's tensor, for Inputs made without images."""
+        if self.tensor is None:
+            raise ValueError("these Inputs hold images, not a tensor")
+        return self.tensor
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,7 @@ class Lifecycle:
             read_at = time.perf_counter()
             payload = await self._read(call, deadline)  # BodyTimedOut 408, gone 499
             read = Stage(read_at, (time.perf_counter() - read_at) * 1000)
-            async with self.admission.admit(model.name), _cancelled_when_client_leaves(call):
+            async with self.admission.admit(model.name), cancelled_when_client_leaves(call):
                 if adapter.parses_body:
                     inputs = await self.parser.run(model.name, adapter.decode, payload, model)
                 else:
@@ -181,6 +188,8 @@ class Lifecycle:
         """The body, within BODY_TIMEOUT_SECONDS and the request's own deadline: either way a body
         that does not arrive in time is the client's fault (408), not the server's (504)."""
         ends = deadline.when()
+        if ends is None:  # admission's deadline always sets one
+            raise RuntimeError("the request has no deadline")
         allowed = min(self.settings.body_timeout_seconds, ends - asyncio.get_running_loop().time())
         deadline.reschedule(None)  # the body's deadline below ends no later
         try:
@@ -197,24 +206,26 @@ class Lifecycle:
 
     async def _infer(self, model: ServedModel, inputs: Inputs, account: RequestAccount
                      ) -> tuple[list[PreparedImage], Inference]:
-        if inputs.images is None:
-            account.reserve(inputs.tensor.nbytes)  # the batch handed to onnxruntime is a copy
-            return [], await self.engine.infer(model, inputs.tensor)
+        images = inputs.images
+        if images is None:
+            tensor = inputs.given_tensor
+            account.reserve(tensor.nbytes)  # the batch handed to onnxruntime is a copy
+            return [], await self.engine.infer(model, tensor)
         prepare_one = functools.partial(
             preprocess.prepare, preprocessing=model.metadata.preprocessing,
             max_pixels=min(self.settings.max_image_pixels, self.settings.max_request_pixels),
             max_scans=self.settings.max_jpeg_scans, reserve=account.reserve,
             max_working_bytes=account.per_request)
         self.pool.asking(model.name)
-        if len(inputs.images) == 1 and self.engine.idle(model):
+        if len(images) == 1 and self.engine.idle(model):
             prepared: list[PreparedImage] = []
 
             def prepare() -> np.ndarray:  # on the inference worker that then runs the model
-                prepared.append(prepare_one(inputs.images[0]))
+                prepared.append(prepare_one(images[0]))
                 return prepared[0].tensor
 
             return prepared, await self.engine.infer(model, prepare)
-        prepared = await self._prepare_all(model.name, inputs.images, prepare_one)
+        prepared = await self._prepare_all(model.name, images, prepare_one)
         batch = np.concatenate([p.tensor for p in prepared])
         return prepared, await self.engine.infer(model, batch)
 
@@ -242,9 +253,9 @@ class Lifecycle:
                 task.cancel()
 
     # For a request that shares one upload among several models (service/compare.py) ----------
-    async def read(self, request: Request, adapter: Adapter, deadline: asyncio.Timeout) -> Any:
+    async def read(self, call: Call, deadline: asyncio.Timeout) -> Any:
         """The body, bounded in bytes and time as every request's, within `deadline`."""
-        return await self._read(request, adapter, deadline)
+        return await self._read(call, deadline)
 
     def decode(self, data: bytes, preprocessing: Preprocessing, account: RequestAccount
                ) -> preprocess.DecodedImage:
@@ -275,10 +286,12 @@ def _attributes(model: ServedModel, adapter: Adapter, images: list[PreparedImage
 
 
 @asynccontextmanager
-async def _cancelled_when_client_leaves(call: Call) -> AsyncIterator[None]:
+async def cancelled_when_client_leaves(call: Call) -> AsyncIterator[None]:
     """When the client goes, stop this request's work (what has not started never runs) and
     answer it as 499."""
     task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("a request's work runs in a task")
     gone = asyncio.Event()
 
     async def watch() -> None:
@@ -298,4 +311,3 @@ async def _cancelled_when_client_leaves(call: Call) -> AsyncIterator[None]:
         watcher.cancel()
 
 
-cancelled_when_client_leaves = _cancelled_when_client_leaves  # for paths beside `handle`
