@@ -231,7 +231,7 @@ class Engine:
             reason = str(exc) if isinstance(exc, ModelLoadError) else \
                 f"session check: {type(exc).__name__}: {exc}"
             state = ModelState(folder, "ready" if keep else "failed",
-                               f"version {folder.version} failed to load: {reason}", keep, prints)
+                               f"version {folder.version}: {reason}", keep, prints)
             outcome = "failed"
         else:
             state, outcome = ModelState(folder, "ready", served=served, fingerprint=prints), "loaded"

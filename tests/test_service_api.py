@@ -191,7 +191,8 @@ def test_metrics_counts_and_histograms_grow_with_requests(client, photos):
 
     text = client.get("/metrics").text
     buckets = metric_samples(text, "cnn_serve_stage_duration_seconds_bucket")
-    assert {s.labels["stage"] for s in buckets} == {"decode", "preprocess", "queue", "inference", "total"}
+    # load: the stage of a request that loaded its model on demand (MAX_LOADED_MODELS), kept at zero here
+    assert {s.labels["stage"] for s in buckets} == {"load", "decode", "preprocess", "queue", "inference", "total"}
     assert {0.001, 0.5} <= {float(s.labels["le"]) for s in buckets}
     assert {} in [s.labels for s in metric_samples(text, "cnn_serve_requests_in_flight")]
     assert len(metric_samples(text, "cnn_serve_model_info")) == SEVEN_MODELS
@@ -389,7 +390,7 @@ def test_a_corrupt_onnx_file_fails_that_model_only(model_repository, tmp_path, p
         readiness = server.wait_loaded()
         assert httpx.get(server.url + "/health/ready").status_code == 503
         assert set(readiness["failed"]) == {"shufflenetv1", "mobilenetv2"}
-        assert readiness["failed"]["mobilenetv2"].startswith("model.onnx sha256 ")
+        assert "model.onnx sha256 " in readiness["failed"]["mobilenetv2"]  # the check that failed, named
         assert "onnxruntime" in readiness["failed"]["shufflenetv1"].lower() or \
             "protobuf" in readiness["failed"]["shufflenetv1"].lower(), readiness["failed"]
         listed = {m["name"]: m for m in httpx.get(server.url + "/models").json()["models"]}
@@ -399,7 +400,8 @@ def test_a_corrupt_onnx_file_fails_that_model_only(model_repository, tmp_path, p
         image = photos["chelsea"].read_bytes()
         refused = httpx.put(server.url + "/predict/shufflenetv1", content=image)
         assert refused.status_code == 503
-        assert refused.json()["error"].startswith("model 'shufflenetv1' failed to load: InvalidProtobuf")
+        error = refused.json()["error"]
+        assert error.startswith("model 'shufflenetv1' failed to load: ") and "InvalidProtobuf" in error
         assert httpx.put(server.url + "/predict/shufflenetv2", content=image).status_code == 200
 
 

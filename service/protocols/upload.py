@@ -49,8 +49,9 @@ class ImageInfo(BaseModel):
 class Timings(BaseModel):
     """Milliseconds per stage of this request; `total` runs from the route's start to its end."""
 
-    load: float | None = Field(None, description="Only when this request loaded the model "
-                                                "(MAX_LOADED_MODELS had left it out).")
+    load: float | None = Field(None, exclude_if=lambda ms: ms is None,
+                               description="Only when this request loaded the model "
+                                           "(MAX_LOADED_MODELS had left it out); absent otherwise.")
     decode: float
     preprocess: float
     queue: float = Field(description="Wait for a free inference worker.")
