@@ -56,7 +56,7 @@ COPY --from=export /export-command.txt ./
 ENV MODEL_REPOSITORY=/models HOST=0.0.0.0 PORT=8000
 # Numeric: Kubernetes checks `runAsNonRoot` against the image's user only when it is a number.
 USER 10001:10001
-EXPOSE 8000 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=5s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('ADMIN_PORT', '8002'), timeout=2)"]
 # Exec form: uvicorn is PID 1 and receives SIGTERM from `docker stop` directly.

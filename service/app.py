@@ -46,9 +46,8 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
                           settings.request_timeout_seconds, metrics.registry)
     budget = MemoryBudget(settings.memory_budget_bytes or default_budget_bytes(),
                           settings.retry_after_seconds, metrics.registry)
-    chosen = by_model(discover(settings.model_repository), settings.version_policy)
-    engine = Engine([folder for versions in chosen.values() for folder in versions], settings,
-                    on_batch=metrics.observe_batch, trim=budget.trim.soon,
+    # The repository is read when the app starts (the lifespan), so an app can be made without one.
+    engine = Engine([], settings, on_batch=metrics.observe_batch, trim=budget.trim.soon,
                     on_load=metrics.observe_load, on_unload=metrics.observe_unload)
     plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings))
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
@@ -80,6 +79,8 @@ async def _lifespan(app: FastAPI):
     engine = plane.engine
     metrics = plane.metrics
     budget = plane.budget
+    chosen = by_model(discover(settings.model_repository), settings.version_policy)  # RepositoryNotFound
+    engine.register([folder for versions in chosen.values() for folder in versions])
     started = time.perf_counter()
     # Every model is in /metrics from the start: as "loading", and with the series alerts divide by.
     metrics.expect_models(engine.models)

@@ -166,8 +166,7 @@ class Engine:
                  on_load: LoadListener | None = None, on_unload: UnloadListener | None = None) -> None:
         self.settings = settings
         self.versions: dict[str, dict[str, ModelState]] = {}  # model name -> version -> state
-        for folder in folders:
-            self.versions.setdefault(folder.name, {})[folder.version] = ModelState(folder)
+        self.register(folders)
         self.workers = settings.resolved_inference_workers
         self.loading_done = False
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
@@ -184,6 +183,11 @@ class Engine:
         self._trim_timer: asyncio.TimerHandle | None = None
         if self.workers > settings.cores:
             log.warning("%d inference workers oversubscribe %d cores", self.workers, settings.cores)
+
+    def register(self, folders: list[ModelFolder]) -> None:
+        """Know these folders' models and versions, none of them loaded yet."""
+        for folder in folders:
+            self.versions.setdefault(folder.name, {})[folder.version] = ModelState(folder)
 
     @property
     def models(self) -> dict[str, ModelState]:

@@ -92,7 +92,8 @@ def test_the_service_listens_on_8000_checks_readiness_and_restarts(compose):
     service = compose["services"]["cnn-serve"]
 
     assert service["build"]["context"] == "."
-    assert [with_defaults(p) for p in service["ports"]] == ["127.0.0.1:8000:8000"]
+    # HTTP, and the Open Inference Protocol over gRPC on GRPC_PORT's default; loopback unless asked.
+    assert [with_defaults(p) for p in service["ports"]] == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001"]
     # On the admin listener, which clients holding every connection of 8000 cannot starve.
     assert "127.0.0.1:8002/health/ready" in " ".join(service["healthcheck"]["test"])
     assert service["restart"] == "unless-stopped"
@@ -363,7 +364,10 @@ def scraped(url: str) -> list[tuple[str, dict[str, str], float]]:
 def test_every_service_setting_can_be_passed_through_compose(compose):
     from service.settings import Settings
 
-    # The healthcheck and the Prometheus target name ADMIN_PORT's default.
-    fixed_by_the_image = {"MODEL_REPOSITORY", "HOST", "PORT", "ADMIN_PORT"}
+    # The healthcheck and the Prometheus target name ADMIN_PORT's default; the ports published
+    # name PORT's and GRPC_PORT's.
+    fixed_by_the_image = {"MODEL_REPOSITORY", "HOST", "PORT", "ADMIN_PORT", "GRPC_PORT"}
     settings = {name.upper() for name in Settings.model_fields} - fixed_by_the_image
-    assert set(compose["services"]["cnn-serve"]["environment"]) == settings
+    passed = set(compose["services"]["cnn-serve"]["environment"])
+    # OpenTelemetry's own variables pass through too (docs/operations.md, tracing).
+    assert {name for name in passed if not name.startswith("OTEL_")} == settings

@@ -31,6 +31,7 @@ VARIANTS = {  # folder under deploy/kubernetes -> the kinds it builds
     ".": BASE_KINDS,
     "monitoring": BASE_KINDS | {"ServiceMonitor", "PrometheusRule"},
     "autoscale-in-flight": BASE_KINDS,
+    "grpc-probes": BASE_KINDS,
     "kserve": {"ServingRuntime", "InferenceService"},
 }
 CUSTOM_API_GROUPS = ("serving.kserve.io/", "monitoring.coreos.com/")
@@ -91,7 +92,7 @@ def test_every_kubernetes_object_validates_against_the_api_schema(builds, releas
                 path = ".".join(map(str, error.path))
                 pytest.fail(f"{variant}: {obj['kind']}/{obj['metadata']['name']}: {path}: {error.message}")
             validated += 1
-    assert validated == 3 * len(BASE_KINDS)
+    assert validated == 4 * len(BASE_KINDS)  # the base, monitoring, autoscale-in-flight and grpc-probes
 
 
 # The structure of the custom resources: the fields their controllers read, and no others.
@@ -239,7 +240,7 @@ def test_the_read_only_pod_writes_uploads_to_a_tmp_volume(pod, builds):
 
 def test_probes_ask_the_services_health_endpoints(container):
     routes = service_paths()
-    [_, port] = container["ports"]
+    port = next(p for p in container["ports"] if p["name"] == "admin")
     assert port["containerPort"] == Settings.model_fields["admin_port"].default
     expected = {"startupProbe": "/health/live", "readinessProbe": "/health/ready",
                 "livenessProbe": "/health/live"}
@@ -249,6 +250,18 @@ def test_probes_ask_the_services_health_endpoints(container):
     # Liveness never fails while the models load: the startup probe covers only the listener.
     assert "/health/ready" not in (container["startupProbe"]["httpGet"]["path"],
                                    container["livenessProbe"]["httpGet"]["path"])
+
+
+def test_the_grpc_variant_asks_readiness_over_grpc_health_on_the_grpc_port(builds):
+    [deployment] = [o for o in builds["grpc-probes"] if o["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")
+    assert grpc_port["containerPort"] == Settings.model_fields["grpc_port"].default
+    assert container["readinessProbe"]["grpc"] == {"port": grpc_port["containerPort"]}
+    assert "httpGet" not in container["readinessProbe"]
+    [service] = [o for o in builds["grpc-probes"] if o["kind"] == "Service"]
+    assert {"name": "grpc", "port": 8001, "targetPort": "grpc", "protocol": "TCP",
+            "appProtocol": "kubernetes.io/h2c"} in service["spec"]["ports"]
 
 
 def test_a_terminating_pod_drains_then_finishes_its_requests_before_sigkill(pod, container, base):
