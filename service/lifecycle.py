@@ -56,19 +56,19 @@ PARSER_THREADS = 2
 class Inputs:
     """What a request asks the model to classify: encoded images or the model's own tensor."""
 
-    images: list[bytes] | None = None  # image files, preprocessed as the model's metadata says
+    files: list[bytes] | None = None  # encoded image files, preprocessed as the model's metadata says
     tensor: np.ndarray | None = None   # (N, 3, H, W) float32, already preprocessed by the client
     options: Any = None                # the adapter's own request options, handed back in Result
 
     @property
     def count(self) -> int:
-        return len(self.images) if self.images is not None else len(self.given_tensor)
+        return len(self.files) if self.files is not None else len(self.given_tensor)
 
     @property
     def given_tensor(self) -> np.ndarray:
-        """The client's tensor, for Inputs made without images."""
+        """The client's tensor, for Inputs made without image files."""
         if self.tensor is None:
-            raise ValueError("these Inputs hold images, not a tensor")
+            raise ValueError("these Inputs hold image files, not a tensor")
         return self.tensor
 
 
@@ -76,7 +76,7 @@ class Inputs:
 class Result:
     model: ServedModel
     outputs: np.ndarray            # (N, classes): the model's output rows, in request order
-    images: list[PreparedImage]    # one per image sent; empty for a tensor
+    prepared: list[PreparedImage]  # each image sent, decoded and preprocessed; empty for a tensor
     timings: dict[str, float]      # ms per stage: decode, preprocess (images only), queue, inference, total
     options: Any
 
@@ -206,7 +206,7 @@ class Lifecycle:
 
     async def _infer(self, model: ServedModel, inputs: Inputs, account: RequestAccount
                      ) -> tuple[list[PreparedImage], Inference]:
-        images = inputs.images
+        images = inputs.files
         if images is None:
             tensor = inputs.given_tensor
             account.reserve(tensor.nbytes)  # the batch handed to onnxruntime is a copy

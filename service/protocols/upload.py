@@ -96,11 +96,11 @@ class PredictAdapter:
         classes = model.metadata.labels.count
         if self.top_k is not None and not 1 <= self.top_k <= classes:
             raise TopKOutOfRange(self.top_k, classes)
-        return Inputs(images=[payload], options=self.top_k or min(self.default_top_k, classes))
+        return Inputs(files=[payload], options=self.top_k or min(self.default_top_k, classes))
 
     def answer(self, result: Result) -> PredictResponse:
         """The model's answer about the one image."""
-        model, image = result.model, result.images[0]
+        model, image = result.model, result.prepared[0]
         predictions = [Prediction(label=model.labels[i], class_id=i, probability=p) for i, p in
                        best_classes(result.outputs[0], model.metadata.output.kind, result.options)]
         return PredictResponse(model=model.name, version=model.version,

@@ -70,7 +70,7 @@ def encode(result: Result) -> ModelInferResponse:
 
 
 def inputs(decoded: DecodedRequest) -> Inputs:
-    return Inputs(images=decoded.images, tensor=decoded.tensor, options=decoded)
+    return Inputs(files=decoded.images, tensor=decoded.tensor, options=decoded)
 
 
 def _binary(message: ModelInferRequest, index: int, max_values: int) -> bytes:

@@ -82,7 +82,7 @@ class OpenInferenceAdapter:
 
     def decode(self, payload: tuple[bytes, str | None], model: ServedModel) -> Inputs:
         decoded = decode_request(*payload, model.metadata, self.max_json_values, self.max_images)
-        return Inputs(images=decoded.images, tensor=decoded.tensor, options=decoded)
+        return Inputs(files=decoded.images, tensor=decoded.tensor, options=decoded)
 
     def encode(self, result: Result) -> Response:
         rows, classes = result.outputs.shape
