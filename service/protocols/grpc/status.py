@@ -40,6 +40,7 @@ GRPC_STATUS: dict[str, StatusCode] = {
     "memory_exhausted": StatusCode.UNAVAILABLE,  # retryable, as its 503 with Retry-After
     "model_control_disabled": StatusCode.FAILED_PRECONDITION,
     "model_load_failed": StatusCode.INVALID_ARGUMENT,  # its 400: the load request is at fault
+    "too_many_models": StatusCode.INVALID_ARGUMENT,  # /compare's, over MAX_COMPARE_MODELS
 }
 
 
