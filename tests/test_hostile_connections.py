@@ -189,10 +189,8 @@ def test_thousands_of_idle_sockets_neither_exhaust_descriptors_nor_delay_a_predi
 
 
 @pytest.fixture(scope="module")
-def capped_server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("capped"), MODEL,
-                      MAX_CONNECTIONS="20", IDLE_TIMEOUT_SECONDS="30") as server:
-        yield server
+def capped_server(served):
+    return served([MODEL], MAX_CONNECTIONS="20", IDLE_TIMEOUT_SECONDS="30")
 
 
 def test_past_the_connection_cap_a_new_connection_gets_a_prompt_503(capped_server):

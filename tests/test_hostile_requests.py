@@ -12,22 +12,15 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service_fixtures import cpu_seconds, encode, ready_server, rss_bytes
+from tests.service_fixtures import cpu_seconds, encode, rss_bytes
 from tests.image_bombs import icon_holding, png, with_last_scan_repeated
 
 MODEL = "mobilenetv3_small"
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("hostile"), MODEL) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
+def server(served):
+    return served([MODEL])
 
 
 def timed_with_rss(server, send) -> tuple[httpx.Response, float, int]:

@@ -31,11 +31,8 @@ UNREDUCED = ("chelsea", "coffee")
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    log = tmp_path_factory.mktemp("open_inference") / "service.log"
-    with running_server(model_repository, log) as server:
-        server.wait_ready()
-        yield server
+def server(served):
+    return served()  # every model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.service_fixtures import ready_server, running_server
+from tests.service_fixtures import running_server
 
 MODEL = "effnet"
 KEY = "correct-horse-battery-staple"
@@ -15,16 +15,8 @@ ORIGIN = "https://dashboard.example.org"
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("access"), MODEL, API_KEY=KEY,
-                      CORS_ORIGINS=f"{ORIGIN}, https://other.example.org") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
+def server(served):
+    return served([MODEL], API_KEY=KEY, CORS_ORIGINS=f"{ORIGIN}, https://other.example.org")
 
 
 def announce_huge_body(server, headers: dict) -> httpx.Response:

@@ -38,11 +38,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("overload"), FLOODED, BYSTANDER,
-                      MAX_IN_FLIGHT_PER_MODEL=str(MAX_IN_FLIGHT),
-                      RETRY_AFTER_SECONDS=str(RETRY_AFTER), **ONE_CORE) as server:
-        yield server
+def server(served):
+    return served([FLOODED, BYSTANDER], MAX_IN_FLIGHT_PER_MODEL=str(MAX_IN_FLIGHT),
+                  RETRY_AFTER_SECONDS=str(RETRY_AFTER), **ONE_CORE)
 
 
 async def throughput(url: str, image: bytes, clients: int, seconds: float) -> float:
@@ -152,10 +150,8 @@ TIMEOUT = 0.2
 
 
 @pytest.fixture(scope="module")
-def impatient_server(model_repository, tmp_path_factory):
-    with ready_server(model_repository, tmp_path_factory.mktemp("timeout"), FLOODED,
-                      REQUEST_TIMEOUT_SECONDS=str(TIMEOUT)) as server:
-        yield server
+def impatient_server(served):
+    return served([FLOODED], REQUEST_TIMEOUT_SECONDS=str(TIMEOUT))
 
 
 def slow_png() -> bytes:
