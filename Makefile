@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test test-fast bench bench-compare docs grpc-stubs lint lock clean docker docker-setup ci
+.PHONY: setup export run test test-fast bench bench-compare bench-grpc docs grpc-stubs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -71,6 +71,10 @@ bench: setup export
 # Server CPU per photo: one /compare of every model against one /predict per model.
 bench-compare: setup export
 	$(BIN)/python -m bench.compare --image tests/data/coffee.jpg --model-repository $(REPO)
+
+# The Open Inference Protocol, the photo as BYTES: gRPC beside REST, server CPU and req/s per model.
+bench-grpc: setup export
+	$(BIN)/python -m bench --image tests/data/coffee.jpg --model-repository $(REPO) --protocol rest,grpc
 
 docker:
 	docker build --build-arg WEIGHTS="$(WEIGHTS)" -t $(IMAGE) .

@@ -2,6 +2,7 @@
 
     python -m bench --image photo.jpg --model-repository DIR [--baseline]
     python -m bench --image photo.jpg --url http://127.0.0.1:8000 --model-repository DIR
+    python -m bench --image photo.jpg --model-repository DIR --protocol rest,grpc
 
 Without `--url` it starts `python -m service` on a free loopback port and stops it at the end.
 Each model gets, per concurrency level, a short warm-up and then `--requests` multipart uploads of
@@ -9,6 +10,9 @@ the photo (stopped early at `--time-limit` seconds), from one keep-alive connect
 Beside each model it times bare onnxruntime `session.run` on the same model file with the same
 threads, so the server's overhead reads as a ratio. `--baseline` also starts the plain FastAPI app
 of `bench.baseline` on the same repository and measures it in the same run.
+`--protocol` says how the photo is sent (several, comma-separated, take turns in one run): `predict`
+uploads it to /predict; `rest` and `grpc` send it as a BYTES input of the Open Inference Protocol's
+infer, over REST and over gRPC; with both, a table puts gRPC beside REST per model and client count.
 Results go to `--out` as bench.json and bench.png, and tradeoff.png: each served model's latency
 against its MACs and parameters (the papers' trade-off plot), also printed as a table.
 """
@@ -24,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.measure import SETTLE_S, BenchError, measure, targets
+from bench.measure import PROTOCOLS, SETTLE_S, BenchError, measure, targets
 from bench.report import Results, text, write_chart
 from bench.servers import ServerFailed
 from bench.tradeoff import write_tradeoff_chart
@@ -47,11 +51,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: what the server reports, else the core count)")
     parser.add_argument("--baseline", action="store_true", help="also start and measure bench.baseline")
     parser.add_argument("--allow-remote", action="store_true", help="allow a --url that is not loopback")
+    parser.add_argument("--protocol", default="predict",
+                        help=f"comma-separated, of {', '.join(PROTOCOLS)}: a multipart upload to /predict, "
+                             "or the photo as a BYTES input of the Open Inference Protocol over REST or gRPC")
+    parser.add_argument("--grpc-port", type=int, default=8001,
+                        help="the gRPC port of the --url server (a started one gets a free port)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if min(args.concurrency) < 1 or args.requests < 1:
         parser.error("--concurrency and --requests must be positive")
+    args.protocol = list(dict.fromkeys(args.protocol.split(",")))
+    if unknown := [p for p in args.protocol if p not in PROTOCOLS]:
+        parser.error(f"unknown --protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
     return args
 
 
@@ -97,6 +109,8 @@ def run(args: argparse.Namespace) -> Results:
         raise BenchError("to start a server, give --model-repository (or MODEL_REPOSITORY)")
     if args.baseline and args.model_repository is None:
         raise BenchError("--baseline needs --model-repository")
+    if args.baseline and "predict" not in args.protocol:
+        raise BenchError("--baseline serves /predict only: add predict to --protocol")
     args.out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         return measure(args, image, models, targets(args, address, models, stack))

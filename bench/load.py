@@ -1,23 +1,39 @@
-"""The load generator: simulated users, each on one kept-alive HTTP/1.1 connection, sending one
-prebuilt upload again and again, and the cell that summarises what a server did with it.
+"""The load generator: simulated users, each on one kept-alive connection of its own, sending one
+prebuilt request again and again, and the cell that summarises what a server did with it.
 
-Raw asyncio streams rather than an HTTP client library: the client's own CPU per request stays a
-small, measured fraction of the server's, so the numbers are the server's."""
+Over HTTP, raw asyncio streams rather than an HTTP client library: the client's own CPU per request
+stays a small, measured fraction of the server's, so the numbers are the server's. (gRPC's
+connection is in bench/grpc_load.py.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import mimetypes
+import struct
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 GRACE_S = 10.0
+TOP_K = 5  # classes asked for, whatever the protocol: /predict's top_k, the OIP's classification
+# A BYTES tensor element on the Open Inference Protocol's wire: 4-byte little-endian length, bytes.
+BYTES_LENGTH = struct.Struct("<I")
+
+
+def post_request(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    """One complete HTTP/1.1 request, built once and sent as is by every client."""
+    head = "".join([f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n",
+                    *(f"{name}: {value}\r\n" for name, value in headers.items()),
+                    f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"])
+    return head.encode() + body
 
 
 def multipart_request(host: str, port: int, path: str, image: bytes, filename: str) -> bytes:
-    """One complete HTTP/1.1 request, built once and sent as is by every client."""
+    """The photo uploaded as a form's file, as a browser sends it to /predict."""
     boundary = uuid.uuid4().hex
     content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
     body = b"".join([
@@ -27,12 +43,21 @@ def multipart_request(host: str, port: int, path: str, image: bytes, filename: s
         image,
         f"\r\n--{boundary}--\r\n".encode(),
     ])
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
-    )
-    return head.encode() + body
+    return post_request(host, port, path, {"Content-Type": f"multipart/form-data; boundary={boundary}"}, body)
+
+
+def infer_request(host: str, port: int, model: str, image: bytes, output: str | None) -> bytes:
+    """The photo as a BYTES input named `image` of the Open Inference Protocol's REST infer, laid
+    out as tritonclient.http sends it: the JSON header, then the tensor in the binary data
+    extension. With the model's `output` named, only its top classes come back, as from /predict."""
+    header: dict = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                "parameters": {"binary_data_size": BYTES_LENGTH.size + len(image)}}]}
+    if output:
+        header["outputs"] = [{"name": output, "parameters": {"classification": TOP_K, "binary_data": True}}]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return post_request(host, port, f"/v2/models/{model}/infer",
+                        {"Inference-Header-Content-Length": str(len(text))},
+                        text + BYTES_LENGTH.pack(len(image)) + image)
 
 
 @dataclass(frozen=True)
@@ -78,8 +103,26 @@ class Phase:
     sent: int = 0
 
 
-class Client:
-    """One simulated user: sends the request, awaits the answer, repeats, on one kept-alive connection."""
+@dataclass(frozen=True)
+class Answer:
+    """How one request ended, in its protocol's words (an HTTP status, a gRPC status code), and
+    whether its connection can carry the next one."""
+
+    outcome: str
+    ok: bool
+    keep_alive: bool = True
+
+
+class Connection(Protocol):
+    """One simulated user's connection, sending its one prebuilt request on each `exchange`."""
+
+    async def exchange(self) -> Answer: ...
+
+    async def close(self) -> None: ...
+
+
+class HttpConnection:
+    """One kept-alive HTTP/1.1 connection, opened at the first request and again after a close."""
 
     def __init__(self, host: str, port: int, request: bytes) -> None:
         self.host = host
@@ -87,6 +130,26 @@ class Client:
         self.request = request
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+
+    async def exchange(self) -> Answer:
+        if self.reader is None or self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(self.request)
+        response = await read_response(self.reader)
+        return Answer(str(response.status), response.status == 200, response.keep_alive)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = None
+        self.writer = None
+
+
+class Client:
+    """One simulated user: sends the request, awaits the answer, repeats, on its own connection."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
 
     async def run(self, phase: Phase) -> None:
         loop = asyncio.get_running_loop()
@@ -96,30 +159,15 @@ class Client:
             try:
                 # A request in flight at the deadline gets a grace period, then counts as an error.
                 async with asyncio.timeout_at(phase.deadline + GRACE_S):
-                    response = await self._exchange()
-                outcome = str(response.status)
-                keep_alive = response.keep_alive
+                    answer = await self.connection.exchange()
             except (OSError, EOFError, TimeoutError, ValueError, asyncio.IncompleteReadError,
                     asyncio.LimitOverrunError) as error:
-                outcome = type(error).__name__
-                keep_alive = False
-            if outcome == "200":
+                answer = Answer(type(error).__name__, ok=False, keep_alive=False)
+            if answer.ok:
                 phase.latencies_ms.append((time.perf_counter() - start) * 1000.0)
-            phase.statuses[outcome] = phase.statuses.get(outcome, 0) + 1
-            if not keep_alive:
-                self.close()
-
-    async def _exchange(self) -> Response:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(self.request)
-        return await read_response(self.reader)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = None
-        self.writer = None
+            phase.statuses[answer.outcome] = phase.statuses.get(answer.outcome, 0) + 1
+            if not answer.keep_alive:
+                await self.connection.close()
 
 
 @dataclass(frozen=True)
@@ -132,17 +180,17 @@ class Load:
     client_cpu_s: float
 
 
-def drive(host: str, port: int, request: bytes, concurrency: int, warmup: int, requests: int,
+def drive(connect: Callable[[], Connection], concurrency: int, warmup: int, requests: int,
           time_limit: float) -> Load:
-    """`concurrency` clients send `warmup` requests, then `requests` measured ones, all within
-    `time_limit` seconds."""
-    return asyncio.run(_drive(host, port, request, concurrency, warmup, requests, time_limit))
+    """`concurrency` clients, each on a connection from `connect`, send `warmup` requests, then
+    `requests` measured ones, all within `time_limit` seconds."""
+    return asyncio.run(_drive(connect, concurrency, warmup, requests, time_limit))
 
 
-async def _drive(host: str, port: int, request: bytes, concurrency: int, warmup: int,
+async def _drive(connect: Callable[[], Connection], concurrency: int, warmup: int,
                  requests: int, time_limit: float) -> Load:
     deadline = asyncio.get_running_loop().time() + time_limit
-    clients = [Client(host, port, request) for _ in range(concurrency)]
+    clients = [Client(connect()) for _ in range(concurrency)]  # in the loop: gRPC's channels bind to it
     try:
         warm = Phase(warmup, deadline)
         await asyncio.gather(*(client.run(warm) for client in clients))
@@ -154,7 +202,7 @@ async def _drive(host: str, port: int, request: bytes, concurrency: int, warmup:
         cpu = time.process_time() - cpu_start
     finally:
         for client in clients:
-            client.close()
+            await client.connection.close()
     return Load(measured, warm.sent, wall, cpu)
 
 
@@ -186,6 +234,7 @@ class Cell:
     intra_op_threads: int | None = None  # the server's, and so the bare run's beside it
     bare_p50_ms: float | None = None
     preprocess_p50_ms: float | None = None  # decode + preprocess of the photo, in the bench process
+    protocol: str = "predict"  # how the photo was sent: bench.measure.PROTOCOLS
 
 
 def summarise(server: str, model: str, concurrency: int, requests: int, load: Load,

@@ -1,5 +1,5 @@
-"""What a bench run tells a reader: the table of cells, the service against the baseline, the
-servers' start-up and memory, and the chart."""
+"""What a bench run tells a reader: the table of cells, the service against the baseline, the Open
+Inference Protocol over gRPC against over REST, the servers' start-up and memory, and the chart."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,8 +12,10 @@ from bench.load import Cell
 from bench.tradeoff import TRADEOFF_COLUMNS, TradeoffPoint, tradeoff_row
 
 COLUMNS = ("server", "model", "clients", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-           "threads", "bare p50 ms", "p50/bare", "prep p50 ms", "server CPU ms/req")
+           "threads", "bare p50 ms", "p50/bare", "prep p50 ms", "server CPU ms/req", "protocol")
 VERSUS_COLUMNS = ("model", "clients", "service/baseline req/s", "service p99 ms", "baseline p99 ms")
+GRPC_VS_REST_COLUMNS = ("model", "clients", "REST CPU ms/req", "gRPC CPU ms/req", "gRPC/REST CPU",
+                        "REST req/s", "gRPC req/s", "gRPC/REST req/s")
 
 
 @dataclass(frozen=True)
@@ -28,15 +30,47 @@ class Comparison:
 
 
 def comparisons(cells: list[Cell]) -> list[Comparison]:
-    """Service against baseline, per model and concurrency, where both were measured."""
+    """Service against baseline on /predict, per model and concurrency, where both were measured."""
     baseline = {(c.model, c.concurrency): c for c in cells if c.server == "baseline"}
     found = []
     for cell in cells:
         other = baseline.get((cell.model, cell.concurrency))
-        if cell.server != "baseline" and other and other.requests_per_s:
+        if cell.server != "baseline" and cell.protocol == "predict" and other and other.requests_per_s:
             found.append(Comparison(cell.model, cell.concurrency,
                                     round(cell.requests_per_s / other.requests_per_s, 3),
                                     cell.p99_ms, other.p99_ms))
+    return found
+
+
+@dataclass(frozen=True)
+class GrpcVsRest:
+    """The same photo as a BYTES input of the Open Inference Protocol, over gRPC and over REST, to
+    one server at one model and concurrency; each ratio is gRPC's over REST's."""
+
+    model: str
+    concurrency: int
+    rest_cpu_ms_per_request: float | None
+    grpc_cpu_ms_per_request: float | None
+    cpu_ratio: float | None
+    rest_requests_per_s: float
+    grpc_requests_per_s: float
+    throughput_ratio: float | None
+
+
+def grpc_vs_rest(cells: list[Cell]) -> list[GrpcVsRest]:
+    """gRPC against REST, per model and concurrency, where both were measured."""
+    rest = {(c.server, c.model, c.concurrency): c for c in cells if c.protocol == "rest"}
+    found = []
+    for cell in (c for c in cells if c.protocol == "grpc"):
+        other = rest.get((cell.server, cell.model, cell.concurrency))
+        if other is None or not (other.ok and cell.ok):  # a model neither protocol could serve
+            continue
+        rest_cpu, grpc_cpu = other.server_cpu_ms_per_request, cell.server_cpu_ms_per_request
+        found.append(GrpcVsRest(
+            cell.model, cell.concurrency, rest_cpu, grpc_cpu,
+            round(grpc_cpu / rest_cpu, 3) if grpc_cpu is not None and rest_cpu else None,
+            other.requests_per_s, cell.requests_per_s,
+            round(cell.requests_per_s / other.requests_per_s, 3) if other.requests_per_s else None))
     return found
 
 
@@ -51,12 +85,21 @@ def table_row(cell: Cell) -> tuple[str, ...]:
             f"{cell.errors}/{cell.sent}" + ("*" if cell.time_limited else ""),
             str(cell.intra_op_threads or "-"), ms(cell.bare_p50_ms),
             f"{ratio:.2f}" if ratio else "-", ms(cell.preprocess_p50_ms),
-            ms(cell.server_cpu_ms_per_request))
+            ms(cell.server_cpu_ms_per_request), cell.protocol)
 
 
 def versus_row(comparison: Comparison) -> tuple[str, ...]:
     return (comparison.model, str(comparison.concurrency), f"{comparison.throughput_ratio:.2f}",
             ms(comparison.service_p99_ms), ms(comparison.baseline_p99_ms))
+
+
+def grpc_vs_rest_row(row: GrpcVsRest) -> tuple[str, ...]:
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    return (row.model, str(row.concurrency), ms(row.rest_cpu_ms_per_request),
+            ms(row.grpc_cpu_ms_per_request), ratio(row.cpu_ratio), f"{row.rest_requests_per_s:.1f}",
+            f"{row.grpc_requests_per_s:.1f}", ratio(row.throughput_ratio))
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -97,25 +140,34 @@ class Series:
     hatched: bool = False
 
 
+def sender(cell: Cell) -> str:
+    """The server, and the protocol where it is not /predict: one bar colour each."""
+    return cell.server if cell.protocol == "predict" else f"{cell.server} {cell.protocol}"
+
+
 def throughput_series(cells: list[Cell], models: list[str]) -> list[Series]:
-    by_key = {(c.server, c.concurrency, c.model): c for c in cells}
-    return [Series(f"{server}, {clients(concurrency)}",
-                   [getattr(by_key.get((server, concurrency, m)), "requests_per_s", 0.0) for m in models],
-                   hatched=server == "baseline")
-            for server, concurrency in dict.fromkeys((c.server, c.concurrency) for c in cells)]
+    by_key = {(sender(c), c.concurrency, c.model): c for c in cells}
+    return [Series(f"{name}, {clients(concurrency)}",
+                   [getattr(by_key.get((name, concurrency, m)), "requests_per_s", 0.0) for m in models],
+                   hatched=name == "baseline")
+            for name, concurrency in dict.fromkeys((sender(c), c.concurrency) for c in cells)]
 
 
 def latency_series(cells: list[Cell], models: list[str]) -> list[Series]:
-    """Per server: bare `session.run` with that server's threads, then the server's p50."""
+    """Per server: bare `session.run` with that server's threads, then the server's p50 (per
+    protocol)."""
     lowest = min(c.concurrency for c in cells)
-    by_key = {(c.server, c.model): c for c in cells if c.concurrency == lowest}
+    by_key = {(sender(c), c.model): c for c in cells if c.concurrency == lowest}
     series = []
     for server in dict.fromkeys(c.server for c in cells):
-        lowest_cells = [by_key.get((server, m)) for m in models]
-        threads = next((c.intra_op_threads for c in lowest_cells if c), None)
+        names = list(dict.fromkeys(sender(c) for c in cells if c.server == server))
+        any_cells = [by_key.get((names[0], m)) for m in models]
+        threads = next((c.intra_op_threads for c in any_cells if c), None)
         series.append(Series(f"bare session.run, {threads} thread" + ("s" if threads != 1 else ""),
-                             [(c and c.bare_p50_ms) or 0.0 for c in lowest_cells]))
-        series.append(Series(f"{server}, {clients(lowest)}", [(c and c.p50_ms) or 0.0 for c in lowest_cells]))
+                             [(c and c.bare_p50_ms) or 0.0 for c in any_cells]))
+        for name in names:
+            lowest_cells = [by_key.get((name, m)) for m in models]
+            series.append(Series(f"{name}, {clients(lowest)}", [(c and c.p50_ms) or 0.0 for c in lowest_cells]))
     return series
 
 
@@ -157,6 +209,7 @@ class Results:
     cells: list[Cell]
     service_vs_baseline: list[Comparison]
     tradeoff: list[TradeoffPoint] = field(default_factory=list)  # one point per served model
+    grpc_vs_rest: list[GrpcVsRest] = field(default_factory=list)
 
 
 def text(results: Results, settle_s: float) -> str:
@@ -166,6 +219,10 @@ def text(results: Results, settle_s: float) -> str:
         lines.append("* stopped by --time-limit before all --requests were sent")
     if results.service_vs_baseline:
         lines += ["", format_table(VERSUS_COLUMNS, [versus_row(v) for v in results.service_vs_baseline])]
+    if results.grpc_vs_rest:
+        lines += ["", "The Open Inference Protocol, the photo as BYTES: gRPC against REST "
+                      "(server CPU per request, warm-up included):",
+                  format_table(GRPC_VS_REST_COLUMNS, [grpc_vs_rest_row(r) for r in results.grpc_vs_rest])]
     if results.tradeoff:
         lines += ["", "The trade-off, one point per served model (tradeoff.png):",
                   format_table(TRADEOFF_COLUMNS, [tradeoff_row(p) for p in results.tradeoff])]

@@ -38,9 +38,10 @@ def served_metadata(host: str, port: int) -> dict[str, dict]:
     return {}
 
 
-def tradeoff_points(cells: list[Cell], metadata: dict[str, dict], server: str = "service") -> list[TradeoffPoint]:
-    """A point for each model `server` served and the run measured, cheapest first."""
-    measured = [c for c in cells if c.server == server]
+def tradeoff_points(cells: list[Cell], metadata: dict[str, dict], server: str = "service",
+                    protocol: str = "predict") -> list[TradeoffPoint]:
+    """A point for each model `server` served over `protocol` and the run measured, cheapest first."""
+    measured = [c for c in cells if c.server == server and c.protocol == protocol]
     if not measured:
         return []
     lowest = min(c.concurrency for c in measured)

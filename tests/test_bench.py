@@ -72,6 +72,53 @@ def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository,
         + [(s, "no_such_model", c, "24/24") for s in ("service", "baseline") for c in ("1", "4")])
 
 
+def test_bench_sends_the_photo_as_bytes_over_rest_and_grpc_and_puts_them_side_by_side(
+        model_repository, photos, tmp_path):
+    out = tmp_path / "results"
+    finished = subprocess.run(
+        [*BENCH, "--model-repository", str(model_repository), "--protocol", "rest,grpc",
+         "--models", "mobilenetv3_small,no_such_model", "--concurrency", "1,16",
+         "--requests", "16", "--warmup", "4", "--bare-runs", "5",
+         "--image", str(photos["coffee"]), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr
+
+    results = json.loads((out / "bench.json").read_text())
+    cells = {(c["protocol"], c["model"], c["concurrency"]): c for c in results["cells"]}
+    assert set(cells) == {(protocol, model, clients) for protocol in ("rest", "grpc")
+                          for model in ("mobilenetv3_small", "no_such_model") for clients in (1, 16)}
+    # Each protocol's own words: HTTP statuses over REST, gRPC status codes over gRPC.
+    answered = {("rest", "mobilenetv3_small"): "200", ("grpc", "mobilenetv3_small"): "OK",
+                ("rest", "no_such_model"): "404", ("grpc", "no_such_model"): "NOT_FOUND"}
+    for (protocol, model, _clients), cell in cells.items():
+        assert cell["server"] == "service" and cell["sent"] == 16
+        assert cell["statuses"] == {answered[(protocol, model)]: 16}
+        assert cell["ok"] == (16 if model == "mobilenetv3_small" else 0)
+        # /proc counts CPU in clock ticks: 20 refusals may cost less than one.
+        assert cell["server_cpu_ms_per_request"] > 0 if cell["ok"] else cell["server_cpu_ms_per_request"] >= 0
+
+    # Side by side: one row per model and client count that both protocols served.
+    rows = {(r["model"], r["concurrency"]): r for r in results["grpc_vs_rest"]}
+    assert set(rows) == {("mobilenetv3_small", 1), ("mobilenetv3_small", 16)}
+    for (model, clients), row in rows.items():
+        rest, grpc = cells[("rest", model, clients)], cells[("grpc", model, clients)]
+        assert row["rest_cpu_ms_per_request"] == rest["server_cpu_ms_per_request"]
+        assert row["grpc_cpu_ms_per_request"] == grpc["server_cpu_ms_per_request"]
+        assert row["cpu_ratio"] == pytest.approx(grpc["server_cpu_ms_per_request"]
+                                                 / rest["server_cpu_ms_per_request"], abs=1e-3)
+        assert row["throughput_ratio"] == pytest.approx(grpc["requests_per_s"] / rest["requests_per_s"],
+                                                        abs=1e-3)
+    side_by_side = finished.stdout.split("gRPC against REST")[1].splitlines()
+    assert side_by_side[1].split()[:4] == ["model", "clients", "REST", "CPU"]
+    assert [line.split()[:2] for line in side_by_side[3:5]] == [["mobilenetv3_small", "1"],
+                                                                 ["mobilenetv3_small", "16"]]
+    table = [line.split() for line in finished.stdout.splitlines() if line.startswith("service ")]
+    assert sorted((r[-1], r[1], r[2], r[7]) for r in table) == sorted(
+        (protocol, model, str(clients), f"{0 if model == 'mobilenetv3_small' else 16}/16")
+        for protocol, model, clients in cells)
+
+
 @pytest.mark.parametrize("url", ["http://192.0.2.10:8000", "http://bench.example:8000"])
 def test_bench_refuses_a_server_that_is_not_on_loopback(photos, tmp_path, url):
     out = tmp_path / "results"
