@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.onnx_models import SMALL_CIFAR, write_model_folder
 from tests.service_fixtures import metric, running_server
 
 MODEL = "mobilenetv2"
@@ -165,3 +166,39 @@ def test_grpc_health_says_serving_only_once_the_models_are_ready(model_repositor
             time.sleep(0.1)
         assert seen[0] == health_pb2.HealthCheckResponse.NOT_SERVING
         assert seen[-1] == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_repository_index_lists_the_models_and_load_and_unload_round_trip(tmp_path):
+    repository = tmp_path / "repository"
+    for version in (1, 2):
+        write_model_folder(repository, SMALL_CIFAR, seed=version, version=version)
+    with running_server(repository, tmp_path / "service.log", MODEL_CONTROL_MODE="explicit",
+                        API_KEY=KEY) as server:
+        server.wait_ready()
+        client = triton.InferenceServerClient(server.grpc_address)
+        name = SMALL_CIFAR.name
+        index = client.get_model_repository_index(headers=BEARER, as_json=True)["models"]
+        assert [(e["name"], e["version"], e["state"]) for e in index] == [(name, "2", "READY")]
+        client.unload_model(name, headers=BEARER)
+        status, message = status_of(client.is_model_ready, name)  # ModelReady: not ready, why
+        assert status == "StatusCode.UNAVAILABLE" and "unloaded" in message
+        index = client.get_model_repository_index(headers=BEARER, as_json=True)["models"]
+        assert index[0]["state"] == "UNAVAILABLE" and index[0]["reason"]
+        client.load_model(name, headers=BEARER)
+        assert client.is_model_ready(name)
+        status, message = status_of(client.load_model, "nope", headers=BEARER)
+        assert status == "StatusCode.NOT_FOUND" and name in message
+        client.close()
+
+
+def test_the_repository_rpcs_need_the_key_and_load_and_unload_are_refused_in_mode_none(client):
+    status, _ = status_of(client.get_model_repository_index)
+    assert status == "StatusCode.UNAUTHENTICATED"
+    status, _ = status_of(client.unload_model, MODEL)
+    assert status == "StatusCode.UNAUTHENTICATED"
+    listed = client.get_model_repository_index(headers=BEARER, as_json=True)["models"]
+    assert {e["name"] for e in listed} == {MODEL, "effnet"}
+    for change in (client.unload_model, client.load_model):
+        status, message = status_of(change, MODEL, headers=BEARER)
+        assert status == "StatusCode.FAILED_PRECONDITION" and "MODEL_CONTROL_MODE" in message
+    assert client.is_model_ready(MODEL)

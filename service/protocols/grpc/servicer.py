@@ -1,5 +1,6 @@
-"""`inference.GRPCInferenceService`: the Open Inference Protocol's RPCs and Triton's ModelConfig and
-ModelStatistics, over the same data plane as the REST routes. ModelInfer goes through the one
+"""`inference.GRPCInferenceService`: the Open Inference Protocol's RPCs, Triton's ModelConfig and
+ModelStatistics, and Triton's repository RPCs (the same model control as REST's
+/v2/repository), over the same data plane as the REST routes. ModelInfer goes through the one
 lifecycle (`Lifecycle.answer`) as a `GrpcCall`: the message is the payload, the client's deadline
 counts with REQUEST_TIMEOUT_SECONDS (the smaller wins), and a client that cancels stops its work.
 
@@ -117,10 +118,29 @@ class InferenceServicer:
         stats = model_statistics(self.plane, request.name or None, request.version or None)
         return json_format.ParseDict(stats, triton.ModelStatisticsResponse())
 
+    # Triton's repository RPCs: the API key, as over REST; refused in mode none by the control
+    async def RepositoryIndex(self, request, context) -> triton.RepositoryIndexResponse:
+        self._check_key(context)
+        index = triton.RepositoryIndexResponse.ModelIndex
+        return triton.RepositoryIndexResponse(models=[
+            index(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            for e in self.plane.control.index() if not request.ready or e.state == "READY"])
+
+    async def RepositoryModelLoad(self, request, context) -> triton.TritonRepositoryModelLoadResponse:
+        self._check_key(context)
+        await self.plane.control.load(request.model_name)
+        return triton.TritonRepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context
+                                    ) -> triton.TritonRepositoryModelUnloadResponse:
+        self._check_key(context)
+        await self.plane.control.unload(request.model_name)
+        return triton.TritonRepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context, record: RequestRecord
                          ) -> pb.ModelInferResponse:
         record.model = request.model_name
-        check_api_key(self.plane.settings.api_key, dict(context.invocation_metadata() or ()))
+        self._check_key(context)
         call = GrpcCall(request, context, record)
         try:
             with self.plane.budget.account() as account:
@@ -134,6 +154,9 @@ class InferenceServicer:
             if record.timings:
                 context.set_trailing_metadata((("server-timing", server_timing(record.timings)),
                                                ("x-request-id", record.request_id)))
+
+    def _check_key(self, context: aio.ServicerContext) -> None:
+        check_api_key(self.plane.settings.api_key, dict(context.invocation_metadata() or ()))
 
     def _served(self, name: str, version: str):
         return self.plane.engine.model(name, version or None)
@@ -192,12 +215,18 @@ METHODS: dict[str, tuple[Any, Any]] = {
     "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
     "ModelConfig": (triton.ModelConfigRequest, triton.ModelConfigResponse),
     "ModelStatistics": (triton.ModelStatisticsRequest, triton.ModelStatisticsResponse),
+    "RepositoryIndex": (triton.RepositoryIndexRequest, triton.RepositoryIndexResponse),
+    "RepositoryModelLoad": (triton.TritonRepositoryModelLoadRequest,
+                            triton.TritonRepositoryModelLoadResponse),
+    "RepositoryModelUnload": (triton.TritonRepositoryModelUnloadRequest,
+                              triton.TritonRepositoryModelUnloadResponse),
 }
 
 
 def inference_service(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """The service's handler: the RPCs of grpc_predict_v2.proto and Triton's two extensions, under
-    one service name (the generated registration knows only the former)."""
+    """The service's handler: the RPCs of grpc_predict_v2.proto and Triton's extensions, under one
+    service name (the generated registration knows only the former, and KServe's shapes of the
+    repository RPCs, not Triton's)."""
     return grpc.method_handlers_generic_handler(SERVICE, {
         method: grpc.unary_unary_rpc_method_handler(
             servicer.handler(method), request_deserializer=request.FromString,
