@@ -52,6 +52,13 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
+def slow_png() -> bytes:
+    """A 6000 x 6600 gradient (just under MAX_IMAGE_PIXELS): tens of KB to send, about a second
+    to decode: a request still in flight while something else happens."""
+    ramp = np.add.outer(np.arange(6600), np.arange(6000)) % 256
+    return encode(Image.fromarray(ramp.astype(np.uint8), "L").convert("RGB"), "PNG", compress_level=9)
+
+
 ROOT = Path(__file__).parent.parent
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.service_fixtures import copy_repository, encode
+from tests.service_fixtures import copy_repository, encode, slow_png
 
 MODEL = "mobilenetv3_small"
 
@@ -132,13 +132,6 @@ def test_an_image_over_the_pixel_limit_is_413_whichever_the_protocol(repository,
             return await client.request(**protocol([big]))
 
     refused(asyncio.run(scenario()), 413, "image_too_large", "300x200", "50000")
-
-
-def slow_png() -> bytes:
-    """A 6000 x 6600 gradient (just under MAX_IMAGE_PIXELS): tens of KB to send, longer than the
-    deadline below to decode even on a quiet machine."""
-    ramp = np.add.outer(np.arange(6600), np.arange(6000)) % 256
-    return encode(Image.fromarray(ramp.astype(np.uint8), "L").convert("RGB"), "PNG", compress_level=9)
 
 
 @pytest.mark.parametrize("protocol", [*IMAGE_PROTOCOLS, infer_tensor])

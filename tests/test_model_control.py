@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from contract import LABELS_FILE, METADATA_FILE, MODEL_FILE
 from tests.onnx_models import SMALL_CIFAR, write_model_folder
-from tests.service_fixtures import metric, running_server
+from tests.service_fixtures import metric, running_server, slow_png
 
 MODEL = SMALL_CIFAR.name
 KEY = "control-key"
@@ -122,6 +122,37 @@ def test_the_default_mode_refuses_load_and_unload_and_changes_nothing(tmp_path, 
         assert httpx.post(f"{url}/v2/repository/index").status_code == 401
         entries = httpx.post(f"{url}/v2/repository/index", headers=key).json()
         assert entries == [{"name": MODEL, "version": "2", "state": "READY", "reason": ""}]
+
+
+def test_a_request_in_flight_during_a_swap_finishes_on_the_old_version(tmp_path):
+    repository = tmp_path / "repository"
+    write_model_folder(repository, SMALL_CIFAR, seed=1, version=1)
+    with serve(tmp_path, repository, MODEL_CONTROL_MODE="explicit", PREPROCESS_WORKERS="1",
+               INFERENCE_WORKERS="1") as server:
+        server.wait_ready()
+        client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        png, slow = slow_png(), []
+
+        def predict_slowly() -> None:  # about a second of PNG decoding on version 1
+            answer = httpx.put(f"{server.url}/predict/{MODEL}", content=png, timeout=60)
+            slow.append((answer, time.monotonic()))
+
+        in_flight = threading.Thread(target=predict_slowly)
+        in_flight.start()
+        time.sleep(0.2)  # sent and decoding; that it is still in flight at the swap is checked below
+        write_model_folder(repository, SMALL_CIFAR, seed=2, version=2)
+        client.load_model(MODEL)
+        swapped = time.monotonic()
+        in_flight.join()
+        logits, answered = triton_infer(client)
+        entries = index(client)
+    answer, finished = slow[0]
+    assert finished > swapped, "the request was not in flight during the swap"
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == "1"
+    assert answered == "2"
+    np.testing.assert_allclose(logits, direct(repository / MODEL / "2"), rtol=1e-4, atol=1e-5)
+    assert (MODEL, "1") not in entries and entries[(MODEL, "2")]["state"] == "READY"
 
 
 def copy_slowly(source: Path, target: Path, chunks: int = 8, pause: float = 0.05) -> float:
