@@ -29,8 +29,7 @@ from service.protocols.grpc import codec
 from service.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from service.protocols.grpc.proto import triton_extensions_pb2 as triton
 from service.protocols.grpc.status import grpc_status
-from service.protocols.open_inference.codec import DATATYPES, IMAGE_INPUT, wire_shape
-from service.protocols.open_inference.routes import EXTENSIONS, PLATFORM
+from service.protocols.open_inference.codec import DATATYPES, EXTENSIONS, IMAGE_INPUT, PLATFORM, wire_shape
 from service.protocols.open_inference.triton_extensions import model_config, model_statistics
 from service.record import RequestRecord
 

@@ -25,6 +25,8 @@ from service.postprocess import top_k as best_classes
 from service.protocols.open_inference.wire import InferenceRequest, RequestInput, ResponseOutput
 
 IMAGE_INPUT = "image"
+PLATFORM = "onnxruntime_onnx"  # how Triton names an ONNX model served by onnxruntime
+EXTENSIONS = ["binary_tensor_data", "classification"]
 DATATYPES = {"float32": "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 LENGTH_PREFIX = struct.Struct("<I")

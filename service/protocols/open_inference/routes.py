@@ -21,8 +21,10 @@ from service.error_responses import ErrorBody, json_response
 from service.lifecycle import Inputs, Result
 from service.protocols.open_inference.codec import (
     DATATYPES,
+    EXTENSIONS,
     HEADER_LENGTH,
     IMAGE_INPUT,
+    PLATFORM,
     DecodedRequest,
     decode_request,
     encode_output,
@@ -40,8 +42,6 @@ from service.protocols.open_inference.wire import (
     inlined_schema,
 )
 
-PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["binary_tensor_data", "classification"]
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 503, 504)}
 # An answer of more values than this is encoded in a worker thread, not on the event loop, where
 # health checks and every other request would wait for it. A classification string costs several

@@ -12,7 +12,7 @@ from service.dataplane import DataPlane
 from service.engine import ServedModel
 from service.errors import UnknownModel
 from service.metrics import ModelTotals
-from service.protocols.open_inference.codec import DATATYPES
+from service.protocols.open_inference.codec import DATATYPES, PLATFORM
 
 CONFIG_TYPES = {"FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
 NS_PER_MS = 1_000_000
@@ -27,7 +27,7 @@ def model_config(served: ServedModel, max_batch_size: int) -> dict:
         return {"name": spec.name, "data_type": CONFIG_TYPES[DATATYPES[spec.dtype]],
                 "dims": [-1 if d is None else d for d in spec.shape[1:]]}
 
-    return {"name": served.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+    return {"name": served.name, "platform": PLATFORM, "backend": "onnxruntime",
             "max_batch_size": max_batch_size, "input": [tensor(meta.input)],
             "output": [tensor(meta.output)]}
 
