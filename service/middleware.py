@@ -15,7 +15,7 @@ from service.budget import BODY_COPIES, MemoryBudget
 from service.dataplane import data_plane
 from service.error_responses import error_response
 from service.errors import BodyTooLarge, ShuttingDown
-from service.metrics import COMPARISON, UNKNOWN_MODEL, Metrics
+from service.metrics import Metrics
 from service.record import SCOPE_KEY, RequestRecord, record_of
 from service.tracing import Tracing, set_error, traceresponse
 
@@ -71,13 +71,7 @@ class RequestRecorder:
             if attached is not None:
                 context.detach(attached)
             self.metrics.in_flight.dec()
-            if record.model is not None:
-                # Only served names become label values, so a client cannot grow the series.
-                if record.model not in self.model_names() and record.model != COMPARISON:
-                    record.model = UNKNOWN_MODEL
-                self.metrics.observe_request(record.model, record.status,
-                                             record.timings if record.status == 200 else None,
-                                             record.trace_ids)
+            record.count(self.metrics, self.model_names())
             if record.span is not None:
                 self._end_span(scope, record, bytes(error_body))
             _log(scope, record)
@@ -185,14 +179,9 @@ def _log(scope: Scope, record: RequestRecord) -> None:
     shown = path if path.isprintable() and " " not in path else repr(path)
     ids = record.trace_ids
     traced = f" trace_id={ids[0]} span_id={ids[1]}" if ids else ""
-    if record.model is None:
-        log.info("%s %s request_id=%s%s status=%d total=%.1fms", scope["method"], shown,
-                 record.request_id, traced, record.status, record.elapsed_ms())
-        return
-    timings = record.timings or {"total": record.elapsed_ms()}
-    stages = " ".join(f"{k}={v:.1f}ms" for k, v in timings.items())
-    log.info("%s %s request_id=%s%s model=%s status=%d %s", scope["method"], shown, record.request_id,
-             traced, record.model, record.status, stages)
+    model = f" model={record.model}" if record.model is not None else ""
+    log.info("%s %s request_id=%s%s%s status=%d %s", scope["method"], shown, record.request_id,
+             traced, model, record.status, record.logged_stages())
 
 
 def _error_code(body: bytes) -> str | None:

@@ -6,12 +6,14 @@ model, the lifecycle fills the timings; the recorder writes the access log line 
 from it once the answer is sent.
 """
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
+from service.metrics import COMPARISON, UNKNOWN_MODEL, Metrics
 from service.tracing import Stage
 
 SCOPE_KEY = "cnn_serve.record"
@@ -42,6 +44,21 @@ class RequestRecord:
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
+
+    def logged_stages(self) -> str:
+        """The stages for the access log line: the lifecycle's timings, else the total so far."""
+        timings = self.timings or {"total": self.elapsed_ms()}
+        return " ".join(f"{stage}={ms:.1f}ms" for stage, ms in timings.items())
+
+    def count(self, metrics: Metrics, served: Collection[str], protocol: str = "http") -> None:
+        """Count a finished prediction in its model's series, whatever protocol carried it. Only
+        served names become label values, so a client cannot grow the series."""
+        if self.model is None:
+            return
+        if self.model not in served and self.model != COMPARISON:
+            self.model = UNKNOWN_MODEL
+        metrics.observe_request(self.model, self.status, self.timings if self.status == 200 else None,
+                                self.trace_ids, protocol)
 
 
 def record_of(where: HTTPConnection | Scope) -> RequestRecord:

@@ -23,7 +23,7 @@ from service.auth import check_api_key
 from service.dataplane import DataPlane
 from service.errors import ClientClosedRequest, RequestTimedOut, ServiceError
 from service.lifecycle import Inputs, Result
-from service.metrics import UNKNOWN_MODEL, server_timing
+from service.metrics import server_timing
 from service.middleware import SAFE_REQUEST_ID
 from service.protocols.grpc import codec
 from service.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
@@ -192,17 +192,9 @@ class InferenceServicer:
         await context.abort(status, exc.message)
 
     def _record(self, method: str, record: RequestRecord) -> None:
-        if record.model is not None:
-            # Only served names become label values, so a client cannot grow the series.
-            if record.model not in self.plane.engine.models:
-                record.model = UNKNOWN_MODEL
-            self.plane.metrics.observe_request(record.model, record.status,
-                                               record.timings if record.status == 200 else None,
-                                               protocol="grpc")  # no trace: gRPC is not traced yet
-        timings = record.timings or {"total": record.elapsed_ms()}
-        stages = " ".join(f"{k}={v:.1f}ms" for k, v in timings.items())
+        record.count(self.plane.metrics, self.plane.engine.models, protocol="grpc")  # not traced yet
         log.info("GRPC /%s/%s request_id=%s%s status=%d %s", SERVICE, method, record.request_id,
-                 f" model={record.model}" if record.model else "", record.status, stages)
+                 f" model={record.model}" if record.model else "", record.status, record.logged_stages())
 
 
 METHODS: dict[str, tuple[Any, Any]] = {
