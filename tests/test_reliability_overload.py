@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import report
-from tests.service_fixtures import encode, metric, ready_server
+from tests.service_fixtures import encode, metric, ready_server, slow_png
 
 FLOODED = "mobilenetv2"
 BYSTANDER = "effnet"
@@ -150,19 +150,13 @@ def impatient_server(served):
     return served([FLOODED], REQUEST_TIMEOUT_SECONDS=str(TIMEOUT))
 
 
-def slow_png() -> bytes:
-    """30 MP of noise-free gradient: a few hundred KB that take far longer than TIMEOUT to decode."""
-    ramp = np.add.outer(np.arange(5000), np.arange(6000)) % 256
-    return encode(Image.fromarray(ramp.astype(np.uint8), "L").convert("RGB"), "PNG", compress_level=9)
-
-
 def test_a_request_slower_than_the_time_limit_is_a_504_and_counted(impatient_server, photos):
     url = impatient_server.url
     slow = slow_png()
     started = time.perf_counter()
     response = httpx.put(f"{url}/predict/{FLOODED}", content=slow, timeout=60)
     elapsed = time.perf_counter() - started
-    print(f"\n{len(slow) / 1e6:.1f} MB PNG of 30 MP answered after {elapsed * 1000:.0f} ms "
+    print(f"\n{len(slow) / 1e6:.1f} MB PNG of 40 MP answered after {elapsed * 1000:.0f} ms "
           f"(REQUEST_TIMEOUT_SECONDS={TIMEOUT})")
     assert response.status_code == 504
     refusal = response.json()
@@ -235,7 +229,7 @@ def test_one_models_expensive_uploads_do_not_starve_another_model(shared_server,
 
     asyncio.run(scenario())
     latencies = [s for _, s in bystander]
-    report(request, "fairness", f"{EXPENSIVE_CLIENTS} clients looping a 30 MP PNG on {FLOODED} "
+    report(request, "fairness", f"{EXPENSIVE_CLIENTS} clients looping a 40 MP PNG on {FLOODED} "
            f"({len(flooded)} answered, statuses {sorted({s for s, _ in flooded})}, p50 "
            f"{percentile([s for _, s in flooded], 50):.2f} s); {BYSTANDER}: "
            f"{len(bystander)} requests, statuses {sorted({s for s, _ in bystander})}, p50 "
