@@ -3,8 +3,6 @@ metrics); the body-size limit. Predictions are recognised by what their route's 
 (`service.auth.names_the_model`), not by matching paths here."""
 import asyncio
 import logging
-import os
-import re
 from collections.abc import Callable, Collection
 
 import orjson
@@ -16,13 +14,11 @@ from service.dataplane import data_plane
 from service.error_responses import error_response
 from service.errors import BodyTooLarge, ShuttingDown
 from service.metrics import Metrics
-from service.record import SCOPE_KEY, RequestRecord, record_of
+from service.record import SCOPE_KEY, RequestRecord, record_of, request_id
 from service.tracing import Tracing, set_error, traceresponse
 
 log = logging.getLogger("service.access")
 REQUEST_ID_HEADER = b"x-request-id"
-# A client's id is echoed and logged only if it cannot forge log lines or bloat them.
-SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
 TRACERESPONSE_HEADER = b"traceresponse"
 # Probes and scrapes come every few seconds and say nothing about a prediction: no spans for them.
 UNTRACED_PATHS = ("/health", "/metrics")
@@ -47,8 +43,8 @@ class RequestRecorder:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
-        record = scope[SCOPE_KEY] = RequestRecord(request_id.decode())
+        record = scope[SCOPE_KEY] = RequestRecord(request_id(_header(scope, REQUEST_ID_HEADER)))
+        echoed = record.request_id.encode()
         if self.tracing.enabled and not scope["path"].startswith(UNTRACED_PATHS):
             record.span = self.tracing.start_server_span(scope["method"], scope["headers"], record.started)
         error_body = bytearray()
@@ -56,7 +52,7 @@ class RequestRecorder:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id)]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, echoed)]
                 if record.span is not None and (value := traceresponse(record.span)) is not None:
                     message["headers"].append((TRACERESPONSE_HEADER, value))
             elif record.span is not None and record.status >= 400 and len(error_body) < ERROR_BODY_READ:
@@ -197,13 +193,6 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
-
-
-def _request_id(scope: Scope) -> bytes:
-    given = _header(scope, REQUEST_ID_HEADER)
-    if given is not None and SAFE_REQUEST_ID.fullmatch(given):
-        return given
-    return os.urandom(16).hex().encode()
 
 
 def _content_length(scope: Scope) -> int:

@@ -5,6 +5,8 @@ about it, in one typed object under one ASGI scope key, instead of loose keys in
 model, the lifecycle fills the timings; the recorder writes the access log line and the metrics
 from it once the answer is sent.
 """
+import os
+import re
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -17,6 +19,15 @@ from service.metrics import COMPARISON, UNKNOWN_MODEL, Metrics
 from service.tracing import Stage
 
 SCOPE_KEY = "cnn_serve.record"
+# A client's request id is echoed and logged only if it cannot forge log lines or bloat them.
+SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=@-]{1,128}")
+
+
+def request_id(given: bytes | None) -> str:
+    """The client's own request id (X-Request-ID, or gRPC's x-request-id) if sane, else a new one."""
+    if given is not None and SAFE_REQUEST_ID.fullmatch(given):
+        return given.decode()
+    return os.urandom(16).hex()
 
 
 @dataclass

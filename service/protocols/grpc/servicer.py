@@ -10,7 +10,6 @@ status (status.py), its stable code in the trailing metadata as `code`, and its 
 """
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +23,13 @@ from service.dataplane import DataPlane
 from service.errors import ClientClosedRequest, RequestTimedOut, ServiceError
 from service.lifecycle import Inputs, Result
 from service.metrics import server_timing
-from service.middleware import SAFE_REQUEST_ID
 from service.protocols.grpc import codec
 from service.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from service.protocols.grpc.proto import triton_extensions_pb2 as triton
 from service.protocols.grpc.status import grpc_status
 from service.protocols.open_inference.codec import DATATYPES, EXTENSIONS, IMAGE_INPUT, PLATFORM, wire_shape
 from service.protocols.open_inference.triton_extensions import model_config, model_statistics
-from service.record import RequestRecord
+from service.record import RequestRecord, request_id
 
 SERVICE = "inference.GRPCInferenceService"
 log = logging.getLogger("service.access")
@@ -227,7 +225,5 @@ def inference_service(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
 
 def _request_id(context: aio.ServicerContext) -> str:
     given = dict(context.invocation_metadata() or ()).get("x-request-id")
-    if isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given.encode()):
-        return given
-    return os.urandom(16).hex()
+    return request_id(given.encode() if isinstance(given, str) else None)
 
