@@ -23,7 +23,9 @@ memory stay bounded whatever the clients do:
 - a malformed request gets a JSON 400 (`bad_http_request`), as an upgrade request with a body does
   (the parser would skip that body and read it as the next request); the service upgrades to no
   other protocol, so an upgrade request is served as plain HTTP and is the connection's last;
-- a client that half-closes after its request still gets its answer.
+- a client that half-closes after its request still gets its answer;
+- an answer that cannot reach its client (the connection was lost before it, or writing it failed)
+  is counted as 499 in the request's record, not as what the app answered.
 
 Each refusal closes the connection: what was left of the request can not be trusted.
 
@@ -47,6 +49,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.error_responses import error_body
 from service.errors import BadHttpRequest, HeadersTimedOut, HeadersTooLarge, ServiceError, TooManyConnections
+from service.record import SCOPE_KEY, RequestRecord
 from service.settings import Settings
 
 log = logging.getLogger("service.connections")
@@ -279,6 +282,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.transport.is_closing():
+            if self.cycle.keep_alive:  # not closed after its answer: writing the answer failed
+                self.answer_lost()
             return
         if not self.reading_headers and self.cycle.response_complete:
             # Answered before its body is in (a refusal, a route that reads none): the rest is
@@ -332,10 +337,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.answer_lost()  # uvicorn drops what the app still sends
         self.cancel_deadline()
         self.cancel_write_deadline()
         self.kept = b""  # a pipelined request whose client has gone is never parsed
         super().connection_lost(exc)
+
+    def answer_lost(self) -> None:
+        """The client left before its answer reached it: the request counts as 499."""
+        record = self.cycle.scope.get(SCOPE_KEY)
+        if isinstance(record, RequestRecord):  # the app has made the request's record
+            record.answer_lost = True
 
     def set_deadline(self, seconds: float, expired: Callable[[], None]) -> None:
         self.cancel_deadline()

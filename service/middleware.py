@@ -11,8 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.budget import BODY_COPIES, MemoryBudget
 from service.dataplane import data_plane
-from service.error_responses import error_response
-from service.errors import BodyTooLarge, ShuttingDown
+from service.error_responses import error_response, status_and_code
+from service.errors import BodyTooLarge, ClientClosedRequest, ShuttingDown
 from service.metrics import Metrics
 from service.record import SCOPE_KEY, RequestRecord, record_of, request_id
 from service.tracing import Tracing, set_error, traceresponse
@@ -67,6 +67,8 @@ class RequestRecorder:
             if attached is not None:
                 context.detach(attached)
             self.metrics.in_flight.dec()
+            if record.answer_lost:
+                record.status = status_and_code(ClientClosedRequest())[0]
             record.count(self.metrics, self.model_names())
             if record.span is not None:
                 self._end_span(scope, record, bytes(error_body))

@@ -36,6 +36,9 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     model: str | None = None  # the model a prediction named in its path; None: not a prediction
     status: int = 500  # until an answer starts
+    # The connection was lost before the answer reached the client (service/connections.py):
+    # counted as 499, whatever the app answered.
+    answer_lost: bool = False
     timings: dict[str, float] | None = None  # ms per stage, from the lifecycle
     memory: Any = None  # the request's account of the memory budget, while it holds one
     # Tracing (service/tracing.py): the server span while the request is traced, and what the
