@@ -263,7 +263,7 @@ def test_a_header_block_over_the_limit_in_one_write_gets_431(server):
 
 
 def test_pipelines_never_read_cost_neither_memory_nor_health_latency(server):
-    connections, per_connection = 30, 64 * 1024
+    connections, per_connection = 100, 64 * 1024
     request = b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n"
     pipeline = request * (per_connection // len(request))
     with contextlib.ExitStack() as sockets:
