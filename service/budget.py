@@ -3,9 +3,11 @@
 Every request holds an account against the budget for as long as it runs, its answer's sending
 included. What it will hold is reserved before it is spent: its body before a byte of it is read
 (from Content-Length, or chunk by chunk as a chunked body streams; a multipart body's spool on
-disk included), each image's working memory before it is decoded, the encoded answer. When a
-reservation does not fit, the request is refused with 503 and Retry-After, so the bodies read at
-once, and the memory all requests hold together, never exceed the budget, whatever their shape.
+disk included), each image's working memory before it is decoded, its answer before inference (the
+most its encoding can take, from the outputs asked for; the encoded size replaces that once known).
+When a reservation does not fit, the request is refused with 503 and Retry-After, so the bodies
+read at once, and the memory all requests hold together, never exceed the budget, whatever their
+shape.
 An account gives everything back when its request ends, however it ends.
 
 glibc keeps freed heap memory resident (for later allocations of the same thread), and a refused
@@ -165,6 +167,7 @@ class RequestAccount:
     def __init__(self, budget: MemoryBudget) -> None:
         self._budget = budget
         self._held = 0
+        self._answer = 0  # of `_held`: what is held for the answer
         self._open = True
         self._lock = threading.Lock()
 
@@ -181,6 +184,21 @@ class RequestAccount:
                 raise MemoryExhausted(self._budget.total, self._budget.retry_after_seconds)
             self._budget.take(nbytes)
             self._held += nbytes
+
+    def hold_answer(self, nbytes: int) -> None:
+        """Hold `nbytes` for the answer in place of what was held for it: the most its encoding can
+        take, before inference; its encoded size, once known. MemoryExhausted (503) when more does
+        not fit; less gives the difference back."""
+        with self._lock:
+            if not self._open:
+                raise MemoryExhausted(self._budget.total, self._budget.retry_after_seconds)
+            more = nbytes - self._answer
+            if more > 0:
+                self._budget.take(more)
+            else:
+                self._budget.give_back(-more)
+            self._held += more
+            self._answer = nbytes
 
     def close(self) -> int:
         """Give everything back; later reservations are refused. Returns the bytes held."""

@@ -26,6 +26,7 @@ Batching is `service.batching`; which versions to load and when is `service.mode
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -122,6 +123,11 @@ class ServedModel:
     @property
     def metadata(self) -> ModelMetadata:
         return loadable_metadata(self.folder)  # it loaded, so it has metadata
+
+    @functools.cached_property
+    def longest_label_bytes(self) -> int:
+        """The longest label in UTF-8: an answer naming classes is sized by it before inference."""
+        return max((len(label.encode()) for label in self.labels), default=0)
 
     def run(self, batch: np.ndarray, alone: bool = True) -> np.ndarray:
         """One bare session.run on the caller's thread, on the one-thread session unless alone."""

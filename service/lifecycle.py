@@ -11,10 +11,10 @@ payload, whether the client has left, the client's own deadline and the request'
 bound is enforced here, once, for all protocols: body bytes (the limit middleware counts what `read`
 receives) and the time the body may take (within the request's deadline: a body that stalls is 408,
 not 504), images per request, pixels per image and per request, the memory the request holds
-(`service/budget.py`: its body, each image's working memory, its answer), in-flight requests per
-model and the request's deadline. Past the deadline, or once the client has gone, none of the
-request's remaining work runs: images not yet decoded are not decoded, and its place in the batch
-queue is dropped.
+(`service/budget.py`: its body, each image's working memory, its answer: the most its encoding
+can take before inference, then its encoded size), in-flight requests per model and the request's
+deadline. Past the deadline, or once the client has gone, none of the request's remaining work
+runs: images not yet decoded are not decoded, and its place in the batch queue is dropped.
 
 Bodies are parsed and images decoded in pools whose threads are shared fairly between models
 (`service/fair_pool.py`), so one model's expensive requests cannot starve another's.
@@ -92,6 +92,10 @@ class Adapter(Protocol):
     def encode(self, result: Result) -> Any:
         """The result in the protocol's wire format (an HTTP Response, a protobuf message)."""
 
+    def answer_bytes(self, inputs: Inputs, model: ServedModel) -> int:
+        """The most bytes the encoded answer to `inputs` can take, from the outputs they ask for:
+        held for the answer before inference, so that one that could not fit costs nothing."""
+
 
 class HttpAdapter(Adapter, Protocol):
     async def read(self, request: Request) -> Any:
@@ -146,7 +150,8 @@ class Lifecycle:
                      version: str | None = None) -> Response:
         """An HTTP request's answer, with its stage timings in Server-Timing."""
         response: Response = await self.answer(HttpCall(request, adapter), model_name, adapter, version)
-        record_of(request).memory.reserve(len(response.body))  # held until sent: MemoryExhausted 503
+        if response.body:  # else built as it is sent, within what is held for it already
+            record_of(request).memory.hold_answer(len(response.body))  # until sent: MemoryExhausted 503
         response.headers["Server-Timing"] = server_timing(record_of(request).timings or {})
         return response
 
@@ -169,6 +174,7 @@ class Lifecycle:
                     inputs = adapter.decode(payload, model)
                 if inputs.count > self.settings.max_images_per_request:
                     raise TooManyImages(inputs.count, self.settings.max_images_per_request)
+                account.hold_answer(adapter.answer_bytes(inputs, model))  # MemoryExhausted 503
                 images, inference = await self._infer(model, inputs, account)
         timings = {"load": load_ms} if load_ms else {}
         timings.update({"decode": sum(i.decode_ms for i in images),

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -17,7 +19,8 @@ from service.budget import MemoryBudget
 from service.errors import MemoryExhausted
 from service.fair_pool import FairPool
 from tests.conftest import report
-from tests.service_fixtures import ready_server, rss_bytes
+from tests.onnx_models import CIFAR_MEAN, CIFAR_STD, SmallModel, write_small_repository
+from tests.service_fixtures import metric, ready_server, rss_bytes
 
 MODEL = "mobilenetv3_small"
 MB = 1024 * 1024
@@ -96,6 +99,20 @@ def test_a_decode_that_outlives_its_request_cannot_reserve_any_more():
         pass
     with pytest.raises(MemoryExhausted):
         account.reserve(1)
+    assert budget.reserved == 0
+
+
+def test_an_answer_held_before_it_is_built_is_replaced_by_its_encoded_size():
+    budget = budget_of(100)
+    with budget.account() as account:
+        account.reserve(10)  # the body
+        account.hold_answer(60)  # the most the answer can take, before inference
+        assert budget.reserved == 70
+        account.hold_answer(25)  # encoded: the rest goes back
+        assert budget.reserved == 35
+        with pytest.raises(MemoryExhausted):
+            account.hold_answer(95)  # 10 + 95 cannot fit
+        assert budget.reserved == 35
     assert budget.reserved == 0
 
 
@@ -292,3 +309,37 @@ def test_memory_held_by_a_burst_of_big_uploads_goes_back_under_a_trickle_of_traf
     report(request, "budget", f"burst of {BURST} x {UPLOAD // MB} MB: RSS {before / MB:.0f} MB before, "
            f"{peak / MB:.0f} MB after it, {after / MB:.0f} MB after 4 s of 4 requests/s")
     assert after - before < 16 * MB  # of the 190 MB the burst held
+
+
+# A real server: an answer is held in the budget before inference -------------------------------
+MANY_CLASSES = SmallModel("many_classes", 100_000, 32, 32, CIFAR_MEAN, CIFAR_STD, "many")
+
+
+@pytest.fixture(scope="module")
+def served_repository(tmp_path_factory) -> Path:
+    """A model of 100,000 classes on 32 x 32 inputs: small requests, answers of megabytes."""
+    return write_small_repository(tmp_path_factory.mktemp("many_classes"), (MANY_CLASSES,))
+
+
+def test_a_request_whose_answer_could_not_fit_is_refused_before_inference(served):
+    server = served([MANY_CLASSES.name], MEMORY_BUDGET_BYTES=str(8 * MB))
+
+    def infer(rows: int, output: dict) -> httpx.Response:
+        tensor = np.zeros((rows, 3, MANY_CLASSES.crop, MANY_CLASSES.crop), "<f4")
+        header = orjson.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(tensor.shape),
+                                           "parameters": {"binary_data_size": tensor.nbytes}}],
+                               "outputs": [{"name": "logits", **output}]})
+        return httpx.post(f"{server.url}/v2/models/{MANY_CLASSES.name}/infer", content=header + tensor.tobytes(),
+                          headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60)
+
+    def inferences() -> float:
+        return metric(httpx.get(f"{server.url}/metrics").text, "cnn_serve_batch_size_count",
+                      model=MANY_CLASSES.name)
+
+    before = inferences()
+    # 16 rows of 100,000 scores in JSON: about 30 MB to build, from a 200 KB request.
+    huge = infer(16, {})
+    assert huge.status_code == 503 and huge.json()["code"] == "memory_exhausted"
+    assert inferences() == before  # refused before the model ran
+    normal = infer(1, {"parameters": {"classification": 5}})
+    assert normal.status_code == 200 and inferences() == before + 1

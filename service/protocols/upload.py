@@ -21,6 +21,12 @@ from service.preprocess import to_picture
 from service.protocols.multipart import form_parts
 
 RAW_IMAGE_TYPES = ("", "application/octet-stream")
+# Answer sizes, for holding an answer before it is built: its fixed fields (model, weights, image,
+# timings) without the weights' note, one prediction without its label, and a PNG's chunks and
+# deflate blocks beyond its raw rows.
+ANSWER_BYTES = 2048
+PREDICTION_BYTES = 96
+PNG_OVERHEAD_BYTES = 1024
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary"}}}},
@@ -97,6 +103,14 @@ class PredictAdapter:
         if self.top_k is not None and not 1 <= self.top_k <= classes:
             raise TopKOutOfRange(self.top_k, classes)
         return Inputs(files=[payload], options=self.top_k or min(self.default_top_k, classes))
+
+    def answer_bytes(self, inputs: Inputs, model: ServedModel) -> int:
+        top_k: int = inputs.options
+        note = model.metadata.weights.shown_note or ""
+        crop = model.metadata.preprocessing.crop
+        # The picture: a PNG at worst its raw rows (and a filter byte each), in base64.
+        picture = (crop * crop * 3 + crop + PNG_OVERHEAD_BYTES) * 4 // 3 if self.input_image else 0
+        return ANSWER_BYTES + len(note.encode()) + top_k * (PREDICTION_BYTES + model.longest_label_bytes) + picture
 
     def answer(self, result: Result) -> PredictResponse:
         """The model's answer about the one image."""

@@ -27,7 +27,14 @@ from service.protocols.grpc import codec
 from service.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from service.protocols.grpc.proto import triton_extensions_pb2 as triton
 from service.protocols.grpc.status import grpc_status
-from service.protocols.open_inference.codec import DATATYPES, EXTENSIONS, IMAGE_INPUT, PLATFORM, wire_shape
+from service.protocols.open_inference.codec import (
+    DATATYPES,
+    EXTENSIONS,
+    IMAGE_INPUT,
+    PLATFORM,
+    answer_bytes,
+    wire_shape,
+)
 from service.protocols.open_inference.triton_extensions import model_config, model_statistics
 from service.record import RequestRecord, request_id
 
@@ -48,6 +55,10 @@ class InferAdapter:
 
     def encode(self, result: Result) -> pb.ModelInferResponse:
         return codec.encode(result)
+
+    def answer_bytes(self, inputs: Inputs, model) -> int:
+        # Every output in binary (codec.decode): raw contents, as the answer carries them.
+        return answer_bytes(inputs.options, inputs.count, model.metadata, model.longest_label_bytes)
 
 
 @dataclass
@@ -145,7 +156,7 @@ class InferenceServicer:
                 account.reserve(request.ByteSize())  # grpc.aio holds the message already
                 answer = await self.plane.lifecycle.answer(call, request.model_name, self.adapter,
                                                            request.model_version or None)
-                account.reserve(answer.ByteSize())  # MemoryExhausted 503, as on HTTP
+                account.hold_answer(answer.ByteSize())  # MemoryExhausted 503, as on HTTP
                 return answer
         finally:
             if record.timings:

@@ -30,6 +30,10 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 DATATYPES = {"float32": "FP32"}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 LENGTH_PREFIX = struct.Struct("<I")
+# Answer sizes, for holding an answer before it is built: the longest a float prints in JSON
+# ("-1.2345678901234567e-05"), and a generous allowance for an answer's header and names.
+NUMBER_CHARS = 24
+ANSWER_HEADER_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,20 @@ def _base64(item: Any) -> bytes:
     except (binascii.Error, TypeError, ValueError):
         raise InvalidInferenceRequest("BYTES data in JSON must be base64 strings of the image "
                                       "files") from None
+
+
+def answer_bytes(decoded: DecodedRequest, rows: int, meta: ModelMetadata, longest_label: int) -> int:
+    """The most bytes the answer's outputs take for `rows` images, in JSON or binary as asked,
+    plus its header: known before inference, so the answer is held in the memory budget first."""
+    classes = meta.labels.count
+    total = ANSWER_HEADER_BYTES + len(decoded.body.id or "")
+    for wanted in decoded.wanted:
+        if wanted.classification:  # "score:class_id:label", length-prefixed or quoted
+            element = NUMBER_CHARS + 1 + len(str(classes)) + 1 + longest_label + LENGTH_PREFIX.size
+            total += rows * wanted.classification * element
+        else:  # FP32: four bytes in binary, a number and its comma in JSON
+            total += rows * classes * (4 if wanted.binary else NUMBER_CHARS + 1)
+    return total
 
 
 def encode_output(wanted: WantedOutput, scores: np.ndarray, meta: ModelMetadata,

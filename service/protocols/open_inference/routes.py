@@ -26,6 +26,7 @@ from service.protocols.open_inference.codec import (
     IMAGE_INPUT,
     PLATFORM,
     DecodedRequest,
+    answer_bytes,
     decode_request,
     encode_output,
     wire_shape,
@@ -83,6 +84,9 @@ class OpenInferenceAdapter:
     def decode(self, payload: tuple[bytes, str | None], model: ServedModel) -> Inputs:
         decoded = decode_request(*payload, model.metadata, self.max_json_values, self.max_images)
         return Inputs(files=decoded.images, tensor=decoded.tensor, options=decoded)
+
+    def answer_bytes(self, inputs: Inputs, model: ServedModel) -> int:
+        return answer_bytes(inputs.options, inputs.count, model.metadata, model.longest_label_bytes)
 
     def encode(self, result: Result) -> Response:
         rows, classes = result.outputs.shape
