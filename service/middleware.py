@@ -88,8 +88,10 @@ class RequestRecorder:
         span.set_attributes(attributes)
         set_error(span, code, record.status)
         if record.stages:
-            self.tracing.stage_spans(span, record.stages, {k: v for k, v in attributes.items()
-                                                           if k.startswith(("model", "batch"))})
+            # The request's attributes are on its server span; a stage span carries only its own
+            # (each attribute is encoded per span: on effnet, about a tenth of tracing's CPU).
+            self.tracing.stage_spans(span, record.stages, {"inference": {
+                k: v for k, v in attributes.items() if k.startswith("batch")}})
         if record.batch is not None and record.batch.shared_by:
             self.tracing.batch_span(record.model or "", record.batch.shared_by, record.batch.started,
                                     record.batch.started + record.batch.inference_ms / 1000)

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 import httpx
 import numpy as np
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -31,9 +30,8 @@ def spans() -> InMemorySpanExporter:
 
 @asynccontextmanager
 async def serving(repository, spans: InMemorySpanExporter, **settings):
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    app = create_app(Settings(model_repository=repository, warmup_runs=0, **settings), Tracing(provider))
+    tracing = Tracing(SimpleSpanProcessor(spans))
+    app = create_app(Settings(model_repository=repository, warmup_runs=0, **settings), tracing)
     async with app.router.lifespan_context(app):
         while not data_plane(app).engine.loading_done:
             await asyncio.sleep(0.01)
