@@ -312,6 +312,14 @@ class Engine:
         self._last_used[name] = time.monotonic()
         return state.served
 
+    def serves(self, name: str, version: str | None = None) -> bool:
+        """Whether `model(name, version)` would answer now. Asking is no use of the model: a
+        readiness probe does not keep it from being evicted."""
+        states = self.versions.get(name, {})
+        if version is None:
+            return any(state.served for state in states.values())
+        return version in states and states[version].served is not None
+
     async def acquire(self, name: str, version: str | None = None) -> tuple[ServedModel, float]:
         """The model to serve, loaded first when MAX_LOADED_MODELS left it out, and the ms that
         load took (0 when it was loaded)."""

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
@@ -109,6 +110,31 @@ def test_unload_then_load_through_the_api_and_names_outside_the_repository_are_u
         metrics = httpx.get(f"{server.url}/metrics").text
         assert metric(metrics, "cnn_serve_model_unloads_total", model=MODEL, version="2") == 1
         assert metric(metrics, "cnn_serve_model_loads_total", model=MODEL, version="2", outcome="loaded") == 2
+
+
+def test_a_model_known_but_not_loaded_is_not_ready_over_both_protocols_without_an_error(tmp_path):
+    """Triton's answer to ModelReady: a model not loaded, an unknown model or version is simply not
+    ready; tritonclient's is_model_ready returns False over HTTP and gRPC alike, never raises."""
+    repository = tmp_path / "repository"
+    other = dataclasses.replace(SMALL_CIFAR, name="small_other")
+    write_model_folder(repository, SMALL_CIFAR, seed=1, version=1)
+    write_model_folder(repository, other, seed=2)
+    with serve(tmp_path, repository, MODEL_CONTROL_MODE="explicit", STARTUP_MODELS=MODEL) as server:
+        server.wait_ready()
+        http = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        grpc = triton_grpc.InferenceServerClient(server.grpc_address)
+
+        def ready(name: str, version: str = "") -> tuple[bool, bool]:
+            return http.is_model_ready(name, version), grpc.is_model_ready(name, version)
+
+        assert ready(MODEL) == ready(MODEL, "1") == (True, True)
+        assert ready(other.name) == (False, False)  # known to the repository, not loaded at start
+        assert ready("nope") == ready(MODEL, "9") == (False, False)
+        http.unload_model(MODEL)
+        assert ready(MODEL) == ready(MODEL, "1") == (False, False)
+        http.load_model(other.name)
+        assert ready(other.name) == (True, True)
+        grpc.close()
 
 
 def test_the_default_mode_refuses_load_and_unload_and_changes_nothing(tmp_path, repository):
