@@ -4,6 +4,7 @@ Both views come from the same `observe_request` call: the Prometheus histograms 
 aggregation, and a window of the most recent per-stage timings per model for exact percentiles
 as JSON or a terminal table. Each app gets its own registry, so several apps can live in a process.
 """
+import contextlib
 import math
 import os
 import threading
@@ -163,6 +164,12 @@ class Metrics:
     def observe_unload(self, model: str, version: str, why: str) -> None:
         self.model_unloads.labels(model=model, version=version).inc()
         self.version_ready.labels(model=model, version=version).set(0)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """A version gone from the index (from the repository, or no longer chosen by VERSION_POLICY)
+        leaves no series behind: poll mode sees a new version every release, and its 0 would stay."""
+        with contextlib.suppress(KeyError):  # never loaded: it has no series
+            self.version_ready.remove(model, version)
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)

@@ -91,8 +91,9 @@ class InferenceServicer:
         return pb.ServerMetadataResponse(name=self.name, version=self.version, extensions=EXTENSIONS)
 
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
-        self._served(request.name, request.version)  # NOT_FOUND unknown, UNAVAILABLE loading
-        return pb.ModelReadyResponse(ready=True)
+        # An answer, never an error, as Triton's: a model or version unknown, not loaded, loading or
+        # failed is not ready (tritonclient's is_model_ready returns False instead of raising).
+        return pb.ModelReadyResponse(ready=self.plane.engine.serves(request.name, request.version or None))
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         meta = self._served(request.name, request.version).metadata
