@@ -114,6 +114,18 @@ class Tracing:
                                           attributes=attributes)
             span.end(wall_ns(end))
 
+    def model_span(self, server: trace.Span, name: str, lasted: Stage, stages: Mapping[str, Stage],
+                   attributes: dict, code: str | None) -> None:
+        """One model's part of a request several models answer (/compare): a span under the server
+        span, its own stages under it, and its error, if it has one, as its status."""
+        assert self.tracer is not None
+        span = self.tracer.start_span(name, trace.set_span_in_context(server), start_time=wall_ns(lasted.start),
+                                      attributes={**attributes, **({"error.code": code} if code else {})})
+        if code is not None:
+            span.set_status(Status(StatusCode.ERROR, code))
+        self.stage_spans(span, stages, attributes)
+        span.end(wall_ns(lasted.start + lasted.duration_ms / 1000))
+
     def batch_span(self, model: str, requests: Sequence[SpanContext], start: float, end: float) -> None:
         """The span of one session.run, linked to each request that shared it."""
         assert self.tracer is not None
