@@ -236,7 +236,7 @@ async def _infer_each(engine: Engine, admitted: dict[str, Admitted], prepared: P
         own_ms = (time.perf_counter() - submitted) * 1000
         load_ms = admitted[name].load_ms
         timings = {"load": load_ms} if load_ms else {}
-        timings.update(decode=image.decode_ms, preprocess=image.preprocess_ms, queue=inference.queue_ms,
+        timings.update(read=read_ms, decode=image.decode_ms, preprocess=image.preprocess_ms, queue=inference.queue_ms,
                        inference=inference.inference_ms,
                        total=load_ms + read_ms + image.decode_ms + image.preprocess_ms + own_ms)
         result = Result(model, inference.outputs, [image], timings, admitted[name].inputs.options)

@@ -53,6 +53,12 @@ class RequestRecord:
             return None
         return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
+    def server_timings(self) -> dict[str, float]:
+        """What Server-Timing says, sent once the answer is encoded: the stages of `timings_ms`,
+        then `encode`, which the body cannot hold since it is what is being encoded."""
+        encode = self.stages.get("encode")
+        return {**(self.timings or {}), **({"encode": encode.duration_ms} if encode is not None else {})}
+
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 

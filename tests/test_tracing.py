@@ -2,6 +2,7 @@
 each stage is a span exactly as long as the stage in `timings_ms`, and the requests that shared one
 batched inference are linked from its span."""
 import asyncio
+import re
 from contextlib import asynccontextmanager
 
 import httpx
@@ -64,10 +65,14 @@ def test_a_request_with_a_traceparent_continues_that_trace_with_a_span_per_stage
     assert server.attributes["model"] == MODEL and server.attributes["http.response.status_code"] == 200
     assert server.attributes["image.format"] == "JPEG" and server.attributes["batch.size"] == 1
     timings = response.json()["timings_ms"]
+    assert set(STAGES) - set(timings) == {"encode"}  # the body cannot time its own encoding...
+    sent = {name: float(ms) for name, ms in re.findall(r"(\w+);dur=([\d.]+)", response.headers["Server-Timing"])}
+    assert set(STAGES) <= set(sent)  # ...Server-Timing, sent after it, does
     for stage in STAGES:
         span = finished[stage]
         assert span.parent.span_id == server.context.span_id
         assert span.start_time >= server.start_time and span.end_time <= server.end_time
+        assert abs((span.end_time - span.start_time) / 1e6 - sent[stage]) <= 0.1, stage
         if stage in timings:
             assert abs((span.end_time - span.start_time) / 1e6 - timings[stage]) <= 0.1, stage
 

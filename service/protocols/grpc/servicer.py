@@ -156,7 +156,7 @@ class InferenceServicer:
                 return answer
         finally:
             if record.timings:
-                context.set_trailing_metadata((("server-timing", server_timing(record.timings)),
+                context.set_trailing_metadata((("server-timing", server_timing(record.server_timings())),
                                                ("x-request-id", record.request_id)))
 
     def _check_key(self, context: aio.ServicerContext) -> None:
