@@ -154,7 +154,7 @@ def test_a_grpc_call_with_a_traceparent_in_its_metadata_continues_that_trace(ser
                re.findall(r"(\w+);dur=([\d.]+)", dict(call.trailing_metadata())["server-timing"])}
     stages = {span.name: span for _, span in collector.wait_for(second_trace, 7)
               if span.parent_span_id.hex() == server_span_id}
-    for stage in ("decode", "preprocess", "queue", "inference"):
+    for stage in ("read", "decode", "preprocess", "queue", "inference", "encode"):
         lasted_ms = (stages[stage].end_time_unix_nano - stages[stage].start_time_unix_nano) / 1e6
         assert abs(lasted_ms - timings[stage]) <= 0.1, stage
     assert re.search(rf"trace_id={second_trace} span_id={server_span_id} model={MODEL} status=200",
