@@ -50,7 +50,8 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
     engine = Engine([], settings, on_batch=metrics.observe_batch, trim=budget.trim.soon,
                     on_load=metrics.observe_load, on_unload=metrics.observe_unload,
                     on_forget=metrics.forget_version)
-    plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings))
+    plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings),
+                      tracing=tracing)
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     # The extensions first: /v2/models/stats is not the metadata of a model named "stats".

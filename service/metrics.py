@@ -18,7 +18,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-STAGES = ("load", "decode", "preprocess", "queue", "inference", "total")  # load: on demand only
+STAGES = ("load", "read", "decode", "preprocess", "queue", "inference", "total")  # load: on demand only
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Seconds, as Prometheus names them; dense between 1 and 500 ms where these CNNs on CPU live.
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
