@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test test-fast bench bench-compare bench-grpc docs grpc-stubs lint lock clean docker docker-setup ci
+.PHONY: setup export run test test-fast bench bench-compare bench-grpc bench-swap docs grpc-stubs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -75,6 +75,10 @@ bench-compare: setup export
 # The Open Inference Protocol, the photo as BYTES: gRPC beside REST, server CPU and req/s per model.
 bench-grpc: setup export
 	$(BIN)/python -m bench --image tests/data/coffee.jpg --model-repository $(REPO) --protocol rest,grpc
+
+# A version swap under 16 clients: p50/p99 before, during and after a repository load of version 2.
+bench-swap: setup export
+	$(BIN)/python -m bench.swap --image tests/data/coffee.jpg --model-repository $(REPO)
 
 docker:
 	docker build --build-arg WEIGHTS="$(WEIGHTS)" -t $(IMAGE) .

@@ -5,9 +5,9 @@ DRAIN_SECONDS so a load balancer can take the instance out, then uvicorn closes 
 waits up to GRACEFUL_SHUTDOWN_SECONDS for the requests in flight before the process exits.
 Connections are served by service/connections.py's protocol, which bounds what clients may hold.
 
-The admin listener (ADMIN_PORT) answers probes and scrapes on the same event loop and the same app,
-but with its own connections: it starts with the main listener and stops after it, so health keeps
-answering while the service drains (readiness 503, liveness 200).
+The admin listener (ADMIN_PORT) answers probes and scrapes from the same app, but with its own
+connections, on its own thread and event loop: it starts with the main listener and stops after it,
+so health keeps answering while the service drains (readiness 503, liveness 200).
 
 The gRPC server (GRPC_PORT, service/protocols/grpc/) serves the same data plane on the same loop: it
 starts once the app has started, its health says NOT_SERVING from the drain on, and at shutdown,
@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -55,17 +56,26 @@ def admin_app(app: FastAPI) -> ASGIApp:
 
 
 class AdminServer(uvicorn.Server):
-    """The admin listener, started, ticked and stopped by the main server on its loop: no lifespan
-    and no signal handling of its own."""
+    """The admin listener, on a thread and an event loop of its own: however busy the main loop is
+    (a flood of connections, a burst of parsing), a probe waits for the GIL, never behind the main
+    loop's queue. No lifespan and no signal handling of its own (uvicorn leaves signals alone off
+    the main thread); the main server starts and stops it."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.lifespan = LifespanOff(config)
+        self.thread: threading.Thread | None = None
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        if not self.config.loaded:  # as uvicorn's own serve() does first
-            self.config.load()
-        await super().startup(sockets)
+    def start(self) -> None:
+        listener = self.config.bind_socket()  # here, so a port in use fails the main start-up
+        self.thread = threading.Thread(target=self.run, args=([listener],), name="admin-listener",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.should_exit = True
+            self.thread.join()
 
 
 class DrainingServer(uvicorn.Server):
@@ -83,7 +93,7 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.admin is not None and self.started:
-            await self.admin.startup()
+            self.admin.start()
         if self.grpc_server is not None and self.started:
             self.grpc = self.grpc_server()
             await self.grpc.start()
@@ -99,8 +109,6 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.close_at is not None and time.monotonic() >= self.close_at:
             self.should_exit = True
-        if self.admin is not None:
-            await self.admin.on_tick(counter)  # its Date header
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -118,8 +126,8 @@ class DrainingServer(uvicorn.Server):
         if self.grpc is not None:  # before the app's shutdown closes the engine its calls use
             await self.grpc.stop(self.config.timeout_graceful_shutdown)
         await super().shutdown(sockets)
-        if self.admin is not None and self.admin.started:
-            await self.admin.shutdown()
+        if self.admin is not None:
+            self.admin.stop()
 
     def _protocol(self) -> asyncio.Protocol:
         """A connection's protocol, made as uvicorn's own listener makes it."""

@@ -48,8 +48,10 @@ def create_app(settings: Settings | None = None, tracing: Tracing | None = None)
                           settings.retry_after_seconds, metrics.registry)
     # The repository is read when the app starts (the lifespan), so an app can be made without one.
     engine = Engine([], settings, on_batch=metrics.observe_batch, trim=budget.trim.soon,
-                    on_load=metrics.observe_load, on_unload=metrics.observe_unload)
-    plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings))
+                    on_load=metrics.observe_load, on_unload=metrics.observe_unload,
+                    on_forget=metrics.forget_version)
+    plane = DataPlane(settings, metrics, admission, budget, engine, Lifecycle(engine, admission, settings),
+                      tracing=tracing)
     app.state.data_plane = plane  # reached through service.dataplane.data_plane(request)
     install_error_handlers(app)
     # The extensions first: /v2/models/stats is not the metadata of a model named "stats".

@@ -18,6 +18,10 @@ the first model's error. A comparison that cannot be decoded is refused whole, a
 
 Metrics: each model's answer (or error) counts in that model's series with its queue, inference
 and total; the shared read, decode and preprocessing count once, in the request's own record.
+
+Traces: the shared stages are spans of the request's server span, as /predict's stages are; each
+model gets a span `model <name>` (attribute `model`) with its own queue and inference spans under
+it, and its error, if it has one, as that span's status.
 """
 import asyncio
 import functools
@@ -29,9 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from opentelemetry.trace import Span
 
 from contract import Preprocessing
 from service.admission import Admission
+from service.batching import Inference
 from service.budget import RequestAccount
 from service.dataplane import DataPlane
 from service.engine import Engine, ServedModel
@@ -41,6 +47,7 @@ from service.lifecycle import HttpAdapter, HttpCall, Inputs, Result, cancelled_w
 from service.metrics import COMPARISON
 from service.preprocess import DecodedImage, PreparedImage, to_tensor
 from service.record import record_of
+from service.tracing import Stage, Tracing
 
 Decode = Callable[[bytes, Preprocessing], DecodedImage]
 TENSOR_BYTES_PER_PIXEL = 3 * 4  # float32 RGB
@@ -54,6 +61,8 @@ class Entry:
     name: str
     result: Result | None = None
     error: ServiceError | None = None
+    lasted: Stage | None = None         # its own part: admission, or its wait and inference
+    inference: Inference | None = None  # its run: its queue and inference stages, its batch
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Prepared:
     images: dict[Preprocessing, PreparedImage]
     decode_ms: float       # all decodes made
     preprocess_ms: float   # all tensors made
+    started: float         # perf_counter when the first decode began
 
 
 def chosen_models(engine: Engine, names: list[str] | None, limit: int) -> list[str]:
@@ -92,7 +102,7 @@ async def compare(plane: DataPlane, request: Request, names: list[str], adapter:
     started = time.perf_counter()
     lifecycle, admission, engine = plane.lifecycle, plane.admission, plane.engine
     account: RequestAccount = record_of(request).memory  # the body is reserved as it is read
-    errors: dict[str, ServiceError] = {}
+    errors: dict[str, Entry] = {}
     call = HttpCall(request, adapter)
     async with admission.deadline(COMPARISON) as deadline:  # RequestTimedOut 504: the whole comparison
         payload = await lifecycle.read(call, deadline)  # BodyTimedOut 408, gone 499
@@ -100,18 +110,25 @@ async def compare(plane: DataPlane, request: Request, names: list[str], adapter:
         async with AsyncExitStack() as held, cancelled_when_client_leaves(call):
             admitted: dict[str, Admitted] = {}
             for name in names:
+                admitting = time.perf_counter()
                 try:
                     admitted[name] = await _admit(engine, admission, held, name, adapter, payload)
                 except ServiceError as error:
-                    errors[name] = error
+                    errors[name] = Entry(name, error=error, lasted=_since(admitting))
             if not admitted:
-                raise errors[names[0]]
+                raise errors[names[0]].error or RuntimeError("an entry without a result has an error")
             decode = functools.partial(lifecycle.decode, account=account)
             prepared = await lifecycle.in_pool(COMPARISON, prepare, decode, payload, account.reserve,
                                                [a.model.metadata.preprocessing for a in admitted.values()])
             outcomes = {**errors, **await _infer_each(engine, admitted, prepared, read_ms, sequential)}
-    entries = [_entry(name, outcomes[name]) for name in names]
+    entries = [outcomes[name] for name in names]
     _count(plane, entries)
+    record = record_of(request)
+    record.stages = {"read": Stage(started, read_ms), "decode": Stage(prepared.started, prepared.decode_ms),
+                     "preprocess": Stage(prepared.started + prepared.decode_ms / 1000, prepared.preprocess_ms)}
+    if record.span is not None:
+        for entry in entries:
+            _trace(plane.tracing, record.span, entry)
     image = next(iter(prepared.images.values()))
     return Comparison(entries, image, {"read": read_ms, "decode": prepared.decode_ms,
                                        "preprocess": prepared.preprocess_ms,
@@ -135,8 +152,27 @@ async def _admit(engine: Engine, admission: Admission, held: AsyncExitStack, nam
     return Admitted(model, inputs, load_ms)
 
 
-def _entry(name: str, outcome: Result | ServiceError) -> Entry:
-    return Entry(name, error=outcome) if isinstance(outcome, ServiceError) else Entry(name, result=outcome)
+def _since(started: float) -> Stage:
+    return Stage(started, (time.perf_counter() - started) * 1000)
+
+
+def _trace(tracing: Tracing, server: Span, entry: Entry) -> None:
+    """The model's span under the request's server span: its queue and inference spans, its error."""
+    code = status_and_code(entry.error)[1] if entry.error is not None else None
+    inference = entry.inference
+    attributes: dict[str, str | int] = {"model": entry.name}
+    if entry.result is not None:
+        attributes.update({"model.file": entry.result.model.onnx_file,
+                           "model.weights": entry.result.model.metadata.weights.kind})
+    if inference is not None:
+        attributes["batch.size"] = inference.batch_size
+    stages = {} if inference is None else {"queue": Stage(inference.submitted, inference.queue_ms),
+                                           "inference": Stage(inference.started, inference.inference_ms)}
+    if entry.lasted is not None:
+        tracing.model_span(server, f"model {entry.name}", entry.lasted, stages, attributes, code)
+    if inference is not None and inference.shared_by:
+        tracing.batch_span(entry.name, inference.shared_by, inference.started,
+                           inference.started + inference.inference_ms / 1000)
 
 
 def _count(plane: DataPlane, entries: list[Entry]) -> None:
@@ -156,6 +192,7 @@ def prepare(decode: Decode, data: bytes, reserve: Callable[[int], None],
     own /predict would make (see the module's docstring); on a pool thread. A decode reserves its
     own working memory; a tensor made from a shared decode reserves its size."""
     images: dict[Preprocessing, PreparedImage] = {}
+    first = time.perf_counter()
     decoded, drafted, decode_ms, decodes_ms, tensors_ms = None, 0.0, 0.0, 0.0, 0.0
     for preprocessing in sorted(set(preprocessings), key=_draft_size):
         if decoded is None or (_draft_size(preprocessing) != drafted and _reduced(decoded)):
@@ -171,7 +208,7 @@ def prepare(decode: Decode, data: bytes, reserve: Callable[[int], None],
         tensors_ms += preprocess_ms
         images[preprocessing] = PreparedImage(tensor, decoded.width, decoded.height, decoded.format,
                                               decode_ms, preprocess_ms)
-    return Prepared(images, decodes_ms, tensors_ms)
+    return Prepared(images, decodes_ms, tensors_ms, first)
 
 
 def _draft_size(preprocessing: Preprocessing) -> float:
@@ -185,24 +222,25 @@ def _reduced(decoded: DecodedImage) -> bool:
 
 
 async def _infer_each(engine: Engine, admitted: dict[str, Admitted], prepared: Prepared, read_ms: float,
-                      sequential: bool) -> dict[str, Result | ServiceError]:
-    async def infer(name: str) -> Result | ServiceError:
+                      sequential: bool) -> dict[str, Entry]:
+    async def infer(name: str) -> Entry:
         model = admitted[name].model
         image = prepared.images[model.metadata.preprocessing]
         submitted = time.perf_counter()
         try:
             inference = await engine.infer(model, image.tensor)
         except ServiceError as error:  # InferenceFailed: this model's entry only
-            return error
+            return Entry(name, error=error, lasted=_since(submitted))
         # What this model's own /predict would have taken: the shared stages it needed, and its
         # own wait and inference (not the other models').
         own_ms = (time.perf_counter() - submitted) * 1000
         load_ms = admitted[name].load_ms
         timings = {"load": load_ms} if load_ms else {}
-        timings.update(decode=image.decode_ms, preprocess=image.preprocess_ms, queue=inference.queue_ms,
+        timings.update(read=read_ms, decode=image.decode_ms, preprocess=image.preprocess_ms, queue=inference.queue_ms,
                        inference=inference.inference_ms,
                        total=load_ms + read_ms + image.decode_ms + image.preprocess_ms + own_ms)
-        return Result(model, inference.outputs, [image], timings, admitted[name].inputs.options)
+        result = Result(model, inference.outputs, [image], timings, admitted[name].inputs.options)
+        return Entry(name, result=result, lasted=Stage(submitted, own_ms), inference=inference)
 
     if sequential:  # one after another, so that their latencies do not interfere
         return {name: await infer(name) for name in admitted}

@@ -16,6 +16,7 @@ from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.model_control import ModelControl
 from service.settings import Settings
+from service.tracing import Tracing
 
 
 @dataclass
@@ -27,6 +28,7 @@ class DataPlane:
     engine: Engine
     lifecycle: Lifecycle
     draining: bool = False  # set once on SIGTERM (or at shutdown): readiness says 503 from then
+    tracing: Tracing = field(default_factory=Tracing.off)  # the OTEL_* tracer; off: every call a no-op
     control: ModelControl = field(init=False)  # the repository API's loads, unloads and index
 
     def __post_init__(self) -> None:

@@ -56,6 +56,7 @@ __all__ = ["Engine", "Inference", "ModelState", "ServedModel", "servable_onnx_fi
            "session_options", "more_threads_win", "version_number"]
 LoadListener = Callable[[str, str, float, str], None]  # model, version, seconds, outcome
 UnloadListener = Callable[[str, str, str], None]  # model, version, why
+ForgetListener = Callable[[str, str], None]  # model, version: gone from the index
 
 
 def loadable_metadata(folder: ModelFolder) -> ModelMetadata:
@@ -169,7 +170,8 @@ class Engine:
     def __init__(self, folders: list[ModelFolder], settings: Settings,
                  on_batch: Callable[[str, int], None] | None = None,
                  trim: Callable[[], None] | None = None,
-                 on_load: LoadListener | None = None, on_unload: UnloadListener | None = None) -> None:
+                 on_load: LoadListener | None = None, on_unload: UnloadListener | None = None,
+                 on_forget: ForgetListener | None = None) -> None:
         self.settings = settings
         self.versions: dict[str, dict[str, ModelState]] = {}  # model name -> version -> state
         self.register(folders)
@@ -180,6 +182,7 @@ class Engine:
         self._trim = trim
         self._on_load = on_load or (lambda model, version, seconds, outcome: None)
         self._on_unload = on_unload or (lambda model, version, why: None)
+        self._on_forget = on_forget or (lambda model, version: None)
         self._batchers: dict[int, Batcher] = {}  # by id() of the ServedModel they run
         self._in_use: dict[int, int] = {}  # id() of a ServedModel -> requests holding it
         self._retired: set[int] = set()  # swapped out or unloaded, still finishing requests
@@ -318,6 +321,14 @@ class Engine:
         self._last_used[name] = time.monotonic()
         return state.served
 
+    def serves(self, name: str, version: str | None = None) -> bool:
+        """Whether `model(name, version)` would answer now. Asking is no use of the model: a
+        readiness probe does not keep it from being evicted."""
+        states = self.versions.get(name, {})
+        if version is None:
+            return any(state.served for state in states.values())
+        return version in states and states[version].served is not None
+
     async def acquire(self, name: str, version: str | None = None) -> tuple[ServedModel, float]:
         """The model to serve, loaded first when MAX_LOADED_MODELS left it out, and the ms that
         load took (0 when it was loaded)."""
@@ -403,6 +414,7 @@ class Engine:
     def _drop(self, name: str, version: str, reason: str) -> None:
         self._unload(name, version, reason, on_demand=False)
         del self.versions[name][version]
+        self._on_forget(name, version)
 
     async def _make_room(self, name: str) -> None:
         """Below MAX_LOADED_MODELS, unload the least recently used model no request holds; while

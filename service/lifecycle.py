@@ -77,7 +77,7 @@ class Result:
     model: ServedModel
     outputs: np.ndarray            # (N, classes): the model's output rows, in request order
     prepared: list[PreparedImage]  # each image sent, decoded and preprocessed; empty for a tensor
-    timings: dict[str, float]      # ms per stage: decode, preprocess (images only), queue, inference, total
+    timings: dict[str, float]      # ms per stage: read, decode, preprocess (images only), queue, inference, total
     options: Any
 
 
@@ -152,7 +152,7 @@ class Lifecycle:
         response: Response = await self.answer(HttpCall(request, adapter), model_name, adapter, version)
         if response.body:  # else built as it is sent, within what is held for it already
             record_of(request).memory.hold_answer(len(response.body))  # until sent: MemoryExhausted 503
-        response.headers["Server-Timing"] = server_timing(record_of(request).timings or {})
+        response.headers["Server-Timing"] = server_timing(record_of(request).server_timings())
         return response
 
     async def answer(self, call: Call, model_name: str, adapter: Adapter,
@@ -177,6 +177,7 @@ class Lifecycle:
                 account.hold_answer(adapter.answer_bytes(inputs, model))  # MemoryExhausted 503
                 images, inference = await self._infer(model, inputs, account)
         timings = {"load": load_ms} if load_ms else {}
+        timings["read"] = read.duration_ms
         timings.update({"decode": sum(i.decode_ms for i in images),
                         "preprocess": sum(i.preprocess_ms for i in images)} if images else {})
         timings.update(queue=inference.queue_ms, inference=inference.inference_ms,

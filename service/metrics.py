@@ -4,6 +4,7 @@ Both views come from the same `observe_request` call: the Prometheus histograms 
 aggregation, and a window of the most recent per-stage timings per model for exact percentiles
 as JSON or a terminal table. Each app gets its own registry, so several apps can live in a process.
 """
+import contextlib
 import math
 import os
 import threading
@@ -17,7 +18,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-STAGES = ("load", "decode", "preprocess", "queue", "inference", "total")  # load: on demand only
+STAGES = ("load", "read", "decode", "preprocess", "queue", "inference", "total")  # load: on demand only
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Seconds, as Prometheus names them; dense between 1 and 500 ms where these CNNs on CPU live.
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
@@ -163,6 +164,12 @@ class Metrics:
     def observe_unload(self, model: str, version: str, why: str) -> None:
         self.model_unloads.labels(model=model, version=version).inc()
         self.version_ready.labels(model=model, version=version).set(0)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """A version gone from the index (from the repository, or no longer chosen by VERSION_POLICY)
+        leaves no series behind: poll mode sees a new version every release, and its 0 would stay."""
+        with contextlib.suppress(KeyError):  # never loaded: it has no series
+            self.version_ready.remove(model, version)
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)

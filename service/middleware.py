@@ -15,7 +15,7 @@ from service.error_responses import error_response, status_and_code
 from service.errors import BodyTooLarge, ClientClosedRequest, ShuttingDown
 from service.metrics import Metrics
 from service.record import SCOPE_KEY, RequestRecord, record_of, request_id
-from service.tracing import Tracing, set_error, traceresponse
+from service.tracing import Tracing, traceresponse
 
 log = logging.getLogger("service.access")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -75,27 +75,12 @@ class RequestRecorder:
             _log(scope, record)
 
     def _end_span(self, scope: Scope, record: RequestRecord, error_body: bytes) -> None:
-        """The server span's name, attributes and status, its stage and batch spans, then its end."""
-        span = record.span
+        """The server span's name and HTTP attributes; the record ends it (service/record.py)."""
         route = getattr(scope.get("route"), "path", None)
-        span.update_name(f"{scope['method']} {route or scope['path']}")
+        record.span.update_name(f"{scope['method']} {route or scope['path']}")
         attributes = {"http.request.method": scope["method"], "http.response.status_code": record.status,
-                      **({"http.route": route} if route else {}),
-                      **({"model": record.model} if record.model else {}), **record.attributes}
-        if record.batch is not None:
-            attributes["batch.size"] = record.batch.batch_size
-        code = _error_code(error_body) if record.status >= 400 else None
-        if code is not None:
-            attributes["error.code"] = code
-        span.set_attributes(attributes)
-        set_error(span, code, record.status)
-        if record.stages:
-            self.tracing.stage_spans(span, record.stages, {k: v for k, v in attributes.items()
-                                                           if k.startswith(("model", "batch"))})
-        if record.batch is not None and record.batch.shared_by:
-            self.tracing.batch_span(record.model or "", record.batch.shared_by, record.batch.started,
-                                    record.batch.started + record.batch.inference_ms / 1000)
-        span.end()
+                      **({"http.route": route} if route else {})}
+        record.end_span(self.tracing, attributes, _error_code(error_body) if record.status >= 400 else None)
 
 
 class BodyLimit:

@@ -16,7 +16,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from service.metrics import COMPARISON, UNKNOWN_MODEL, Metrics
-from service.tracing import Stage
+from service.tracing import Stage, Tracing, set_error
 
 SCOPE_KEY = "cnn_serve.record"
 # A client's request id is echoed and logged only if it cannot forge log lines or bloat them.
@@ -56,6 +56,12 @@ class RequestRecord:
             return None
         return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
+    def server_timings(self) -> dict[str, float]:
+        """What Server-Timing says, sent once the answer is encoded: the stages of `timings_ms`,
+        then `encode`, which the body cannot hold since it is what is being encoded."""
+        encode = self.stages.get("encode")
+        return {**(self.timings or {}), **({"encode": encode.duration_ms} if encode is not None else {})}
+
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
@@ -73,6 +79,26 @@ class RequestRecord:
             self.model = UNKNOWN_MODEL
         metrics.observe_request(self.model, self.status, self.timings if self.status == 200 else None,
                                 self.trace_ids, protocol)
+
+
+    def end_span(self, tracing: Tracing, attributes: dict[str, Any], code: str | None) -> None:
+        """End the server span, whatever protocol carried the request: the model's and the
+        lifecycle's attributes with the protocol's `attributes` (last, so they win), the status (an
+        error `code` or a 5xx), one span per stage and the span of its batched inference."""
+        span = self.span
+        attributes = {**({"model": self.model} if self.model else {}), **self.attributes, **attributes}
+        if self.batch is not None:
+            attributes["batch.size"] = self.batch.batch_size
+        if code is not None:
+            attributes["error.code"] = code
+        span.set_attributes(attributes)
+        set_error(span, code, self.status)
+        if self.stages:
+            tracing.stage_spans(span, self.stages, attributes)
+        if self.batch is not None and self.batch.shared_by:
+            tracing.batch_span(self.model or "", self.batch.shared_by, self.batch.started,
+                               self.batch.started + self.batch.inference_ms / 1000)
+        span.end()
 
 
 def record_of(where: HTTPConnection | Scope) -> RequestRecord:

@@ -206,4 +206,4 @@ def test_every_stage_is_timed_whichever_the_protocol(repository, photos, protoco
     response = asyncio.run(scenario())
     assert response.status_code == 200
     stages = [part.split(";")[0] for part in response.headers["Server-Timing"].split(", ")]
-    assert stages == ["decode", "preprocess", "queue", "inference", "total"]
+    assert stages == ["read", "decode", "preprocess", "queue", "inference", "total", "encode"]

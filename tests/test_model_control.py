@@ -1,20 +1,28 @@
 """Issue 22: the model repository changes while the service runs. Versions, Triton's repository
 extension driven by the official tritonclient, safe hot reload in poll mode and MAX_LOADED_MODELS.
 Small ONNX models (tests/onnx_models.py): each version is the same graph with other random weights."""
+import asyncio
 import dataclasses
+import gc
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from contract import LABELS_FILE, METADATA_FILE, MODEL_FILE
+from contract import LABELS_FILE, METADATA_FILE, MODEL_FILE, discover
+from service.engine import Engine, ServedModel
+from service.metrics import Metrics
+from service.model_control import ModelControl
+from service.settings import Settings
 from tests.onnx_models import SMALL_CIFAR, write_model_folder
 from tests.service_fixtures import metric, running_server, slow_png
 
@@ -111,6 +119,31 @@ def test_unload_then_load_through_the_api_and_names_outside_the_repository_are_u
         assert metric(metrics, "cnn_serve_model_loads_total", model=MODEL, version="2", outcome="loaded") == 2
 
 
+def test_a_model_known_but_not_loaded_is_not_ready_over_both_protocols_without_an_error(tmp_path):
+    """Triton's answer to ModelReady: a model not loaded, an unknown model or version is simply not
+    ready; tritonclient's is_model_ready returns False over HTTP and gRPC alike, never raises."""
+    repository = tmp_path / "repository"
+    other = dataclasses.replace(SMALL_CIFAR, name="small_other")
+    write_model_folder(repository, SMALL_CIFAR, seed=1, version=1)
+    write_model_folder(repository, other, seed=2)
+    with serve(tmp_path, repository, MODEL_CONTROL_MODE="explicit", STARTUP_MODELS=MODEL) as server:
+        server.wait_ready()
+        http = triton.InferenceServerClient(server.url.removeprefix("http://"))
+        grpc = triton_grpc.InferenceServerClient(server.grpc_address)
+
+        def ready(name: str, version: str = "") -> tuple[bool, bool]:
+            return http.is_model_ready(name, version), grpc.is_model_ready(name, version)
+
+        assert ready(MODEL) == ready(MODEL, "1") == (True, True)
+        assert ready(other.name) == (False, False)  # known to the repository, not loaded at start
+        assert ready("nope") == ready(MODEL, "9") == (False, False)
+        http.unload_model(MODEL)
+        assert ready(MODEL) == ready(MODEL, "1") == (False, False)
+        http.load_model(other.name)
+        assert ready(other.name) == (True, True)
+        grpc.close()
+
+
 def test_the_default_mode_refuses_load_and_unload_and_changes_nothing(tmp_path, repository):
     with serve(tmp_path, repository, API_KEY=KEY) as server:
         server.wait_ready()
@@ -153,6 +186,51 @@ def test_a_request_in_flight_during_a_swap_finishes_on_the_old_version(tmp_path)
     assert answered == "2"
     np.testing.assert_allclose(logits, direct(repository / MODEL / "2"), rtol=1e-4, atol=1e-5)
     assert (MODEL, "1") not in entries and entries[(MODEL, "2")]["state"] == "READY"
+
+
+def test_the_old_version_s_sessions_live_while_a_request_holds_them_and_are_freed_once_it_is_done(
+        tmp_path):
+    """In process: two requests admitted on version 1, one held on the only inference worker and
+    one queued behind it, across an explicit-mode swap to version 2. Both answer from version 1;
+    after, no reference to its sessions is left anywhere (weakrefs dead), nor its metric series."""
+    repository = tmp_path / "repository"
+    write_model_folder(repository, SMALL_CIFAR, seed=1, version=1)
+    settings = Settings(model_repository=repository, model_control_mode="explicit", warmup_runs=1,
+                        intra_op_threads=2, inference_workers=1)
+    metrics = Metrics()
+    engine = Engine(discover(repository), settings, on_load=metrics.observe_load,
+                    on_unload=metrics.observe_unload, on_forget=metrics.forget_version)
+    engine.load_all()
+    old = engine.model(MODEL)
+    alive = [weakref.ref(o) for o in (old, old.session, old.one_thread_session) if o is not None]
+    gate = threading.Event()
+
+    def held_batch() -> np.ndarray:  # made on the inference worker: in flight until the gate opens
+        gate.wait(30)
+        return tensor()
+
+    async def swap_during_two_requests(old: ServedModel) -> list[np.ndarray]:
+        try:
+            async with engine.in_use(old):  # as Lifecycle.handle holds the model it admitted on
+                running = asyncio.gather(engine.infer(old, held_batch), engine.infer(old, tensor()))
+                write_model_folder(repository, SMALL_CIFAR, seed=2, version=2)
+                await ModelControl(engine, settings).load(MODEL)
+                assert engine.model(MODEL).version == "2" and list(engine.versions[MODEL]) == ["2"]
+                assert all(ref() is not None for ref in alive), "freed while a request used them"
+                gate.set()
+                return [answer.outputs for answer in await running]
+        finally:
+            gate.set()
+
+    for outputs in asyncio.run(swap_during_two_requests(old)):
+        np.testing.assert_allclose(outputs, direct(repository / MODEL / "1"), rtol=1e-4, atol=1e-5)
+    del old
+    gc.collect()
+    assert [ref() for ref in alive] == [None] * len(alive), "version 1's sessions are still referenced"
+    exposition = metrics.prometheus_text().decode()
+    assert 'cnn_serve_model_version_ready{model="small_cifar",version="2"} 1.0' in exposition
+    assert 'cnn_serve_model_version_ready{model="small_cifar",version="1"}' not in exposition
+    engine.close()
 
 
 def copy_slowly(source: Path, target: Path, chunks: int = 8, pause: float = 0.05) -> float:

@@ -2,12 +2,12 @@
 each stage is a span exactly as long as the stage in `timings_ms`, and the requests that shared one
 batched inference are linked from its span."""
 import asyncio
+import re
 from contextlib import asynccontextmanager
 
 import httpx
 import numpy as np
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -16,6 +16,7 @@ from service.app import create_app
 from service.dataplane import data_plane
 from service.settings import Settings
 from service.tracing import Tracing, enabled_by
+from tests.onnx_models import write_small_repository
 
 MODEL = "small_imagenet"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -31,9 +32,8 @@ def spans() -> InMemorySpanExporter:
 
 @asynccontextmanager
 async def serving(repository, spans: InMemorySpanExporter, **settings):
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    app = create_app(Settings(model_repository=repository, warmup_runs=0, **settings), Tracing(provider))
+    tracing = Tracing(SimpleSpanProcessor(spans))
+    app = create_app(Settings(model_repository=repository, warmup_runs=0, **settings), tracing)
     async with app.router.lifespan_context(app):
         while not data_plane(app).engine.loading_done:
             await asyncio.sleep(0.01)
@@ -63,12 +63,53 @@ def test_a_request_with_a_traceparent_continues_that_trace_with_a_span_per_stage
     assert server.attributes["model"] == MODEL and server.attributes["http.response.status_code"] == 200
     assert server.attributes["image.format"] == "JPEG" and server.attributes["batch.size"] == 1
     timings = response.json()["timings_ms"]
+    assert set(STAGES) - set(timings) == {"encode"}  # the body cannot time its own encoding...
+    sent = {name: float(ms) for name, ms in re.findall(r"(\w+);dur=([\d.]+)", response.headers["Server-Timing"])}
+    assert set(STAGES) <= set(sent)  # ...Server-Timing, sent after it, does
     for stage in STAGES:
         span = finished[stage]
         assert span.parent.span_id == server.context.span_id
         assert span.start_time >= server.start_time and span.end_time <= server.end_time
+        assert abs((span.end_time - span.start_time) / 1e6 - sent[stage]) <= 0.1, stage
         if stage in timings:
             assert abs((span.end_time - span.start_time) / 1e6 - timings[stage]) <= 0.1, stage
+
+
+def lasted_ms(span) -> float:
+    return (span.end_time - span.start_time) / 1e6
+
+
+def test_a_comparison_traces_its_shared_stages_and_each_models_own_with_its_error(tmp_path, photos, spans):
+    repository = write_small_repository(tmp_path / "repository")
+    for onnx in (repository / "small_cifar").glob("*.onnx"):
+        onnx.write_bytes(onnx.read_bytes() + b"changed")  # fails its hash check: model_unavailable
+
+    async def scenario():
+        async with serving(repository, spans, strict_readiness=False) as client:
+            return await client.post("/compare?models=small_imagenet,small_cifar", headers={"traceparent": TRACEPARENT},
+                                     files={"file": photos["coffee"].read_bytes()})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    finished = spans.get_finished_spans()
+    server = next(span for span in finished if span.name == "POST /compare")
+    assert f"{server.parent.span_id:016x}" == CALLER_SPAN and f"{server.context.trace_id:032x}" == TRACE_ID
+    under = {span.name: span for span in finished if span.parent and span.parent.span_id == server.context.span_id}
+    for stage in ("read", "decode", "preprocess"):
+        assert abs(lasted_ms(under[stage]) - body["timings_ms"][stage]) <= 0.1, stage
+
+    answered = under["model small_imagenet"]
+    assert answered.attributes["model"] == MODEL and answered.status.status_code == StatusCode.UNSET
+    own = {span.name: span for span in finished if span.parent and span.parent.span_id == answered.context.span_id}
+    for stage in ("queue", "inference"):  # the model is on their parent, the model's span
+        assert abs(lasted_ms(own[stage]) - body["results"][MODEL]["timings_ms"][stage]) <= 0.1, stage
+
+    failed = under["model small_cifar"]
+    assert body["results"]["small_cifar"]["code"] == "model_unavailable"
+    assert failed.status.status_code == StatusCode.ERROR and failed.status.description == "model_unavailable"
+    assert failed.attributes["error.code"] == "model_unavailable"
+    assert server.status.status_code == StatusCode.UNSET  # the comparison itself answered
 
 
 def infer_tensor(client: httpx.AsyncClient):

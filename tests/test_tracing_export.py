@@ -10,12 +10,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.service_fixtures import free_port, metric
 
@@ -109,6 +113,62 @@ def test_spans_reach_the_collector_named_by_the_otel_variables(served, collector
     prometheus = httpx.get(f"{server.url}/metrics")
     assert prometheus.headers["content-type"].startswith("text/plain")
     assert TRACE_ID not in prometheus.text
+
+
+def attribute(span, key: str):
+    value = next(a.value for a in span.attributes if a.key == key)
+    return getattr(value, value.WhichOneof("value"))
+
+
+def test_a_grpc_call_with_a_traceparent_in_its_metadata_continues_that_trace(served, collector, photos):
+    server = served([MODEL], OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, **QUICK_EXPORT)
+    trace_id, caller = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174"
+    image = triton.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([photos["coffee"].read_bytes()], dtype=object))
+    with triton.InferenceServerClient(server.grpc_address) as client:  # tritonclient: headers= is metadata
+        client.infer(MODEL, [image], headers={"traceparent": f"00-{trace_id}-{caller}-01"})
+    spans = {span.name: span for _, span in collector.wait_for(trace_id, 7)}
+    rpc = spans["inference.GRPCInferenceService/ModelInfer"]
+    assert rpc.parent_span_id.hex() == caller and rpc.kind == rpc.SPAN_KIND_SERVER
+    assert attribute(rpc, "protocol") == "grpc" and attribute(rpc, "rpc.grpc.status_code") == 0
+    assert attribute(rpc, "model") == MODEL and attribute(rpc, "image.format") == "JPEG"
+    for stage in ("read", "decode", "preprocess", "queue", "inference", "encode"):
+        assert spans[stage].parent_span_id == rpc.span_id, stage
+    assert attribute(spans["inference"], "batch.size") == 1
+
+    # The trace id comes back in the initial metadata, as HTTP's `traceresponse` header; each stage
+    # lasts what the trailing metadata's Server-Timing says.
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    jpeg = photos["coffee"].read_bytes()
+    request.raw_input_contents.append(len(jpeg).to_bytes(4, "little") + jpeg)
+    second_trace = "c0ffee00c0ffee00c0ffee00c0ffee00"
+    traceparent = f"00-{second_trace}-{caller}-01"
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        _, call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(
+            request, metadata=(("traceparent", traceparent),))
+    traceresponse = dict(call.initial_metadata())["traceresponse"]
+    assert traceresponse.startswith(f"00-{second_trace}-") and traceresponse.endswith("-01")
+    server_span_id = traceresponse.split("-")[2]
+    timings = {name: float(duration) for name, duration in
+               re.findall(r"(\w+);dur=([\d.]+)", dict(call.trailing_metadata())["server-timing"])}
+    stages = {span.name: span for _, span in collector.wait_for(second_trace, 7)
+              if span.parent_span_id.hex() == server_span_id}
+    for stage in ("read", "decode", "preprocess", "queue", "inference", "encode"):
+        lasted_ms = (stages[stage].end_time_unix_nano - stages[stage].start_time_unix_nano) / 1e6
+        assert abs(lasted_ms - timings[stage]) <= 0.1, stage
+    assert re.search(rf"trace_id={second_trace} span_id={server_span_id} model={MODEL} status=200",
+                     server.log.read_text())
+
+    refused_trace = "badc0ffeebadc0ffeebadc0ffeebadc0"
+    request.model_name = "no_such_model"
+    with grpc.insecure_channel(server.grpc_address) as channel, pytest.raises(grpc.RpcError) as refused:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=(("traceparent", f"00-{refused_trace}-{caller}-01"),))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    [(_, failed)] = collector.wait_for(refused_trace, 1)
+    assert failed.status.code == failed.status.STATUS_CODE_ERROR and failed.status.message == "unknown_model"
+    assert attribute(failed, "error.code") == "unknown_model" and attribute(failed, "rpc.grpc.status_code") == 5
 
 
 def test_without_the_variables_or_with_the_sdk_disabled_nothing_is_traced(served, photos):

@@ -108,7 +108,7 @@ async def compare(request: Request,
     adapter = PredictAdapter(top_k, plane.settings.top_k, input_image)
     comparison = await comparing.compare(plane, request, names, adapter, sequential)
     shared = comparison.timings
-    record.timings = {stage: shared[stage] for stage in ("decode", "preprocess", "total")}
+    record.timings = {stage: shared[stage] for stage in ("read", "decode", "preprocess", "total")}
     exclude = None if input_image else {"results": {"__all__": {"input_image"}}}
     body = compared(comparison, adapter).model_dump_json(exclude=exclude)
     record.memory.reserve(len(body))  # held until it is sent: MemoryExhausted 503

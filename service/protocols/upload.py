@@ -58,6 +58,8 @@ class Timings(BaseModel):
     load: float | None = Field(None, exclude_if=lambda ms: ms is None,
                                description="Only when this request loaded the model "
                                            "(MAX_LOADED_MODELS had left it out); absent otherwise.")
+    read: float = Field(description="Receiving the body. (Encoding the answer is in Server-Timing "
+                                    "only: this body is what it encodes.)")
     decode: float
     preprocess: float
     queue: float = Field(description="Wait for a free inference worker.")

@@ -6,17 +6,22 @@ counts with REQUEST_TIMEOUT_SECONDS (the smaller wins), and a client that cancel
 
 Every RPC gets a request record, an access-log line and, for ModelInfer, the per-model metrics
 (protocol="grpc", status as the HTTP status of the same answer); an error answers with its gRPC
-status (status.py), its stable code in the trailing metadata as `code`, and its message.
+status (status.py), its stable code in the trailing metadata as `code`, and its message. While
+tracing is on, an RPC continues the `traceparent` in its metadata as an HTTP request does its header.
 """
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import Token
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from service.auth import check_api_key
 from service.dataplane import DataPlane
@@ -37,8 +42,10 @@ from service.protocols.open_inference.codec import (
 )
 from service.protocols.open_inference.triton_extensions import model_config, model_statistics
 from service.record import RequestRecord, request_id
+from service.tracing import traceresponse
 
 SERVICE = "inference.GRPCInferenceService"
+UNTRACED_RPCS = ("ServerLive", "ServerReady")  # probes, every few seconds: no spans, as HTTP's /health
 log = logging.getLogger("service.access")
 
 
@@ -102,8 +109,9 @@ class InferenceServicer:
         return pb.ServerMetadataResponse(name=self.name, version=self.version, extensions=EXTENSIONS)
 
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
-        self._served(request.name, request.version)  # NOT_FOUND unknown, UNAVAILABLE loading
-        return pb.ModelReadyResponse(ready=True)
+        # An answer, never an error, as Triton's: a model or version unknown, not loaded, loading or
+        # failed is not ready (tritonclient's is_model_ready returns False instead of raising).
+        return pb.ModelReadyResponse(ready=self.plane.engine.serves(request.name, request.version or None))
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         meta = self._served(request.name, request.version).metadata
@@ -160,7 +168,7 @@ class InferenceServicer:
                 return answer
         finally:
             if record.timings:
-                context.set_trailing_metadata((("server-timing", server_timing(record.timings)),
+                context.set_trailing_metadata((("server-timing", server_timing(record.server_timings())),
                                                ("x-request-id", record.request_id)))
 
     def _check_key(self, context: aio.ServicerContext) -> None:
@@ -176,23 +184,47 @@ class InferenceServicer:
 
         async def handle(request: Any, context: aio.ServicerContext) -> Any:
             record = RequestRecord(_request_id(context))
+            failure = None  # the error's gRPC status, HTTP status and code, for the trace
+            attached = None
             self.plane.metrics.in_flight.inc()
             try:
+                attached = await self._continue_trace(method, context, record)
                 answer = await (rpc(request, context, record) if takes_record else rpc(request, context))
                 record.status = 200
                 return answer
             except ServiceError as exc:
+                failure = grpc_status(exc)
                 await self._abort(context, record, exc)
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed
                 left = context.time_remaining()
                 gone = ClientClosedRequest() if left is None or left > 0 else \
                     RequestTimedOut(record.model or "", 0)
-                record.status = grpc_status(gone)[1]
+                failure = grpc_status(gone)
+                record.status = failure[1]
                 raise
             finally:
+                if attached is not None:
+                    otel_context.detach(attached)
                 self.plane.metrics.in_flight.dec()
-                self._record(method, record)
+                self._record(method, record, failure)
         return handle
+
+    async def _continue_trace(self, method: str, context: aio.ServicerContext, record: RequestRecord
+                              ) -> Token[Context] | None:
+        """While tracing is on, the RPC's server span, a child of the `traceparent` in its metadata
+        when it has one, made current (batches link to it) and named to the client in the initial
+        metadata's `traceresponse`, as HTTP's header does; the token to detach it with."""
+        tracing = self.plane.tracing
+        if not tracing.enabled or method in UNTRACED_RPCS:
+            return None
+        metadata = [(key.encode("latin-1"), value.encode("latin-1"))
+                    for key, value in context.invocation_metadata() or () if isinstance(value, str)]
+        record.span = tracing.start_server_span(f"{SERVICE}/{method}", metadata, record.started)
+        if record.span is None:
+            return None
+        if (value := traceresponse(record.span)) is not None:
+            await context.send_initial_metadata((("traceresponse", value.decode()),))
+        return otel_context.attach(trace.set_span_in_context(record.span))
 
     async def _abort(self, context: aio.ServicerContext, record: RequestRecord,
                      exc: ServiceError) -> None:
@@ -200,9 +232,17 @@ class InferenceServicer:
         context.set_trailing_metadata((("code", code), ("x-request-id", record.request_id)))
         await context.abort(status, exc.message)
 
-    def _record(self, method: str, record: RequestRecord) -> None:
-        record.count(self.plane.metrics, self.plane.engine.models, protocol="grpc")  # not traced yet
-        log.info("GRPC /%s/%s request_id=%s%s status=%d %s", SERVICE, method, record.request_id,
+    def _record(self, method: str, record: RequestRecord, failure: tuple[grpc.StatusCode, int, str] | None
+                ) -> None:
+        record.count(self.plane.metrics, self.plane.engine.models, protocol="grpc")
+        if record.span is not None:
+            status = failure[0] if failure else grpc.StatusCode.OK if record.status == 200 else grpc.StatusCode.UNKNOWN
+            record.end_span(self.plane.tracing, {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method,
+                                                 "rpc.grpc.status_code": status.value[0], "protocol": "grpc"},
+                            failure[2] if failure else None)
+        ids = record.trace_ids
+        log.info("GRPC /%s/%s request_id=%s%s%s status=%d %s", SERVICE, method, record.request_id,
+                 f" trace_id={ids[0]} span_id={ids[1]}" if ids else "",
                  f" model={record.model}" if record.model else "", record.status, record.logged_stages())
 
 

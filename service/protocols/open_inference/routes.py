@@ -136,7 +136,8 @@ async def server_ready(request: Request) -> Response:
 @router.get("/models/{model}/ready", response_model=ModelReady, responses=ERRORS)
 @router.get("/models/{model}/versions/{version}/ready", response_model=ModelReady, responses=ERRORS)
 async def model_ready(model: str, request: Request, version: str | None = None) -> ModelReady:
-    _served(request, model, version)  # 404 unknown, 503 loading or failed
+    if not data_plane(request).engine.serves(model, version):
+        _served(request, model, version)  # why not: 404 unknown, 503 not loaded, loading or failed
     return ModelReady(name=model, ready=True)
 
 
