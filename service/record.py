@@ -5,7 +5,7 @@ about it, in one typed object under one ASGI scope key, instead of loose keys in
 model, the lifecycle fills the timings; the recorder writes the access log line and the metrics
 from it once the answer is sent.
 """
-import os
+import random
 import re
 import time
 from collections.abc import Collection
@@ -27,7 +27,10 @@ def request_id(given: bytes | None) -> str:
     """The client's own request id (X-Request-ID, or gRPC's x-request-id) if sane, else a new one."""
     if given is not None and SAFE_REQUEST_ID.fullmatch(given):
         return given.decode()
-    return os.urandom(16).hex()
+    # Not os.urandom: a system call that lets go of the GIL, which the event loop then waits to get
+    # back from the decode threads (7 % of effnet's requests/s at 16 clients). An id names a
+    # request in the log; it guards nothing, so the seeded generator's 128 bits serve.
+    return f"{random.getrandbits(128):032x}"
 
 
 @dataclass
