@@ -38,8 +38,8 @@ class Inference:
     # For its trace spans (perf_counter seconds): when it was submitted, when session.run began
     started: float = 0.0
     submitted: float = 0.0
-    # The trace contexts of every request in the session.run, given to the first one only, so
-    # that one span per batch links them all.
+    # The trace contexts of every request in a session.run that served several, given to the
+    # first one only, so that one span per batch links them all.
     shared_by: tuple[trace.SpanContext, ...] = ()
 
 
@@ -213,7 +213,8 @@ class Batcher:
         size = ran.outputs.shape[0]
         self._on_batch(self.name, size)
         row = 0
-        shared_by = tuple(r.trace_context for r in requests)
+        # A run of one request links nothing: its inference span already says batch size 1.
+        shared_by = tuple(r.trace_context for r in requests) if len(requests) > 1 else ()
         for request, batch in zip(requests, ran.batches, strict=True):  # one batch per request, by _run
             rows = batch.shape[0]
             if not request.answer.done():  # the caller may have gone away
