@@ -53,7 +53,7 @@ grpc-stubs: setup
 # Lint (ruff) and types (mypy), as configured in pyproject.toml; CI runs this before the tests.
 # Both run whatever the first finds, so one run lists every finding.
 lint: setup
-	$(BIN)/ruff check contract service model_defs bench; ruff=$$?; \
+	$(BIN)/ruff check contract service model_defs bench tests; ruff=$$?; \
 	$(BIN)/mypy contract service && exit $$ruff
 
 # requirements.lock: the runtime image's packages, pinned with their hashes (the Dockerfile installs

@@ -12,8 +12,8 @@ import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import httpx
 import pytest

@@ -14,8 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from contract import (LABELS_FILE, MODEL_FILE, RANDOM_WEIGHTS_NOTE, SCHEMA_VERSION, ModelMetadata,
-                      write_metadata)
+from contract import LABELS_FILE, MODEL_FILE, RANDOM_WEIGHTS_NOTE, SCHEMA_VERSION, ModelMetadata, write_metadata
 
 OPSET = 18
 FEATURES = 8  # channels of the convolution, the length of the pooled feature vector

@@ -3,9 +3,9 @@ and the values of its /metrics."""
 import io
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 # The one implementation of these, shared with the bench; the tests import them from here.
-from bench.servers import ServerProcess as Server, cpu_seconds, free_port, rss_bytes, running_service
+from bench.servers import ServerProcess as Server
+from bench.servers import running_service
 
 # The contract's ImageNet preprocessing, written out here independently of the service.
 IMAGENET = {"resize": 256, "interpolation": "bilinear", "crop": 224, "color": "RGB", "scale": 255.0,
@@ -30,7 +31,7 @@ def reference_tensor(image: Image.Image, p: dict = IMAGENET) -> np.ndarray:
     size = (new_short, new_long) if w <= h else (new_long, new_short)
     image = image.resize(size, Image.Resampling.BILINEAR)
     w, h = image.size
-    top, left = int(round((h - p["crop"]) / 2)), int(round((w - p["crop"]) / 2))
+    top, left = round((h - p["crop"]) / 2), round((w - p["crop"]) / 2)
     image = image.crop((left, top, left + p["crop"], top + p["crop"]))
     x = (np.asarray(image, dtype=np.float32) / p["scale"] - np.array(p["mean"], np.float32)) \
         / np.array(p["std"], np.float32)

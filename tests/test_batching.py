@@ -51,7 +51,7 @@ def test_concurrent_callers_share_a_batch_and_each_gets_its_own_answer(small_rep
     requests = [*photo_tensors, np.concatenate(photo_tensors[:2][::-1])]
     answers = asyncio.run(infer_all(engine, requests))
     assert sizes == [1, 6]  # the first found the model idle; the rest queued and ran together
-    for request, answer in zip(requests, answers):
+    for request, answer in zip(requests, answers, strict=True):
         assert answer.outputs.shape == (request.shape[0], 1000)
         np.testing.assert_allclose(answer.outputs, lone_run(engine, request), rtol=1e-5, atol=1e-5)
     assert [a.batch_size for a in answers] == [1, 6, 6, 6, 6, 6]
@@ -86,7 +86,7 @@ def test_queued_requests_wait_up_to_the_delay_to_fill_a_batch(small_repository, 
     answers = asyncio.run(scenario())
     assert sizes == [1, 2]  # the second waited for the third instead of running alone
     assert answers[1].queue_ms >= delay_ms * 0.9
-    for tensor, answer in zip(photo_tensors, answers):
+    for tensor, answer in zip(photo_tensors, answers, strict=True):
         np.testing.assert_allclose(answer.outputs, lone_run(engine, tensor), rtol=1e-5, atol=1e-5)
     engine.close()
 
@@ -95,7 +95,7 @@ def test_with_batching_off_every_request_runs_alone(small_repository, photo_tens
     engine, sizes = engine_for(small_repository, inference_workers=1, max_batch_size=1)
     answers = asyncio.run(infer_all(engine, photo_tensors))
     assert sizes == [1] * len(photo_tensors)
-    for tensor, answer in zip(photo_tensors, answers):
+    for tensor, answer in zip(photo_tensors, answers, strict=True):
         np.testing.assert_allclose(answer.outputs, lone_run(engine, tensor), rtol=1e-5, atol=1e-5)
     engine.close()
 
@@ -117,14 +117,14 @@ def test_a_lone_inference_gets_every_thread_and_one_started_beside_it_gets_one(s
                                                                                photo_tensors,
                                                                                monkeypatch):
     monkeypatch.setattr(Engine, "_more_threads_win", staticmethod(lambda model, x: True))
-    engine, sizes = engine_for(small_repository, intra_op_threads=2, inference_workers=2,
+    engine, _sizes = engine_for(small_repository, intra_op_threads=2, inference_workers=2,
                                max_batch_size=1)
     assert engine.model(MODEL).one_thread_session is not None
     lone = asyncio.run(engine.infer(engine.model(MODEL), photo_tensors[0]))
     assert lone.threads == 2
     answers = asyncio.run(infer_all(engine, photo_tensors[:2]))
     assert [a.threads for a in answers] == [2, 1]  # the second started while the first ran
-    for tensor, answer in zip(photo_tensors, answers):
+    for tensor, answer in zip(photo_tensors[:2], answers, strict=True):
         np.testing.assert_allclose(answer.outputs, lone_run(engine, tensor), rtol=1e-5, atol=1e-5)
     engine.close()
 

@@ -23,7 +23,7 @@ def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository,
     cells = {(c["server"], c["model"], c["concurrency"]): c for c in results["cells"]}
     assert set(cells) == {(server, model, clients) for server in ("service", "baseline")
                           for model in ("mobilenetv3_small", "no_such_model") for clients in (1, 4)}
-    for (server, model, clients), cell in cells.items():
+    for (_server, model, _clients), cell in cells.items():
         assert cell["sent"] == 24 and not cell["time_limited"]
         assert cell["ok"] + cell["errors"] == cell["sent"] == sum(cell["statuses"].values())
         if model == "mobilenetv3_small":
@@ -42,7 +42,7 @@ def test_bench_measures_the_service_and_the_baseline_it_starts(model_repository,
     assert set(bare) == {("mobilenetv3_small", t) for t in threads.values()}
     assert all(b["runs"] == 20 and b["p50_ms"] > 0 and b["preprocess_p50_ms"] > 0
                for b in bare.values())
-    for (server, model, clients), cell in cells.items():
+    for (server, model, _clients), cell in cells.items():
         same = {}
         if model == "mobilenetv3_small":
             same = bare[(model, threads[server])]

@@ -3,6 +3,7 @@ past the budget is refused with 503 before it costs anything, and everything goe
 request ends. In process for the budget's own logic, then against a real server for the attacks
 it bounds: many stalled uploads, raw or multipart, and memory handed back after a spike."""
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -199,10 +200,8 @@ def server(model_repository, tmp_path_factory):
 def stalled_upload(port: int, head: bytes, body: bytes, answers: list[bytes]) -> None:
     """Send the head and all of the body but its last byte, then wait for the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
-        try:
+        with contextlib.suppress(OSError):  # refused and closed before the body was all sent
             connection.sendall(head + body[:-1])
-        except OSError:  # refused and closed before the body was all sent
-            pass
         try:
             answers.append(connection.recv(65536))
         except OSError:

@@ -107,7 +107,7 @@ def test_the_page_lists_every_model_with_its_facts(browser, server, listed):
         assert "ready" in text and "FP32" in text
         assert model["preprocessing"] in text  # what the weights were trained with, as /models says it
         crop = model["metadata"]["preprocessing"]["crop"]
-        assert f"{crop}×{crop}" in text
+        assert f"{crop}×{crop}" in text  # noqa: RUF001 (the page writes a multiplication sign)
         if model["metadata"]["weights"]["kind"] == "random":
             assert "random weights" in text.lower() and "meaningless" in text, text
 
@@ -156,8 +156,10 @@ def test_after_traffic_the_charts_have_data_and_nothing_left_loopback(browser, s
         return d.execute_script("""
             const c = window.cnnServe.charts;
             if (!c.time || !c.macs) return null;
-            return {time: c.time.series.slice(1).map((s, i) => [s.label, c.time.data[i + 1].filter(v => v !== null).length]),
-                    macs: c.macs.data[0].length, rows: document.querySelectorAll('#latency tbody tr[data-model]').length};
+            return {time: c.time.series.slice(1).map(
+                        (s, i) => [s.label, c.time.data[i + 1].filter(v => v !== null).length]),
+                    macs: c.macs.data[0].length,
+                    rows: document.querySelectorAll('#latency tbody tr[data-model]').length};
         """)
 
     wait_until(browser, lambda d: (c := charted(d)) and c["macs"] == len(names) and c["rows"] == len(names)

@@ -13,9 +13,9 @@ import asyncio
 import json
 
 import uvicorn
+from uvicorn.server import ServerState
 
 from service.connections import PARSE_STEP, BoundedHttpProtocol, ConnectionLimits
-from uvicorn.server import ServerState
 
 LIMITS = ConnectionLimits(max_connections=10, idle_timeout=5, headers_timeout=5, body_timeout=5,
                           max_header_bytes=1024, retry_after=1, write_timeout=0.2, backlog=10,
@@ -115,7 +115,7 @@ def test_a_header_block_over_the_limit_in_one_read_is_431_and_never_reaches_the_
         protocol, transport = connection(app)
         protocol.data_received(b"GET /echo HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
         await settle()
-        [(status, headers, body)] = transport.answers()
+        [(status, _headers, body)] = transport.answers()
         assert status == 431 and json.loads(body)["code"] == "headers_too_large"
         assert transport.closed and app.seen == []
         # Under the limit, in one read too, it is served.

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import EXPORT_COMMAND, report
+
 from tests.service_fixtures import free_port, metric_samples, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -94,7 +94,8 @@ def test_a_version_1_file_reads_with_the_preprocessing_and_layout_it_always_mean
     metadata = read_metadata(folder)
     assert metadata.schema_version == 1 and metadata.layout == "paper"
     p = metadata.preprocessing
-    assert (p.resize_rule, p.antialias, p.interpolation, p.color, p.scale) == ("shorter_side", True, "bilinear", "RGB", 255.0)
+    assert (p.resize_rule, p.antialias, p.interpolation, p.color, p.scale) == \
+        ("shorter_side", True, "bilinear", "RGB", 255.0)
 
 
 @pytest.mark.parametrize("change, cause", [

@@ -14,7 +14,6 @@ checked and its queries are run in Prometheus, not in Grafana.
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -28,10 +27,10 @@ from typing import TypeVar
 import httpx
 import pytest
 import yaml
+from conftest import report
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.servers import ServerProcess, answers_200, running, wait_for
-from conftest import report
 from service.metrics import memory_limit_bytes
 from tests.service_fixtures import copy_repository, required_tool, running_server, unavailable
 

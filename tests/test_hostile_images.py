@@ -24,11 +24,19 @@ from bench.servers import cpu_seconds
 from contract import Preprocessing
 from service.errors import ImageTooComplex, ImageTooLarge, UndecodableImage, UnsupportedImageFormat
 from service.preprocess import decode, preprocess
-from tests.image_bombs import (animated_webp_canvas, gif_screen_around_one_pixel, icon_holding,
-                               lossless_webp_canvas, png, png_chunk, sixteen_bit_grey_png,
-                               tiff_with_one_tile, transparent_png, with_last_scan_repeated)
-from tests.service_fixtures import (IMAGENET, ONE_GRAY_LEVEL, ROOT, encode, ready_server,
-                                    reference_tensor, rss_bytes)
+from tests.image_bombs import (
+    animated_webp_canvas,
+    gif_screen_around_one_pixel,
+    icon_holding,
+    lossless_webp_canvas,
+    png,
+    png_chunk,
+    sixteen_bit_grey_png,
+    tiff_with_one_tile,
+    transparent_png,
+    with_last_scan_repeated,
+)
+from tests.service_fixtures import IMAGENET, ONE_GRAY_LEVEL, ROOT, encode, ready_server, reference_tensor, rss_bytes
 
 PREPROCESSING = Preprocessing(**IMAGENET)
 MAX_PIXELS = 40_000_000  # the service's default MAX_IMAGE_PIXELS

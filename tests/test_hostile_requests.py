@@ -12,8 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service_fixtures import cpu_seconds, encode, rss_bytes
 from tests.image_bombs import icon_holding, png, with_last_scan_repeated
+from tests.service_fixtures import cpu_seconds, encode, rss_bytes
 
 MODEL = "mobilenetv3_small"
 
@@ -76,8 +76,8 @@ def test_a_client_that_leaves_mid_upload_is_counted_as_499_not_500(server, clien
 
 def json_tensor(rows: int) -> bytes:
     values = ",".join(["0.5"] * (rows * 3 * 224 * 224))
-    return ('{"inputs": [{"name": "input", "shape": [%d, 3, 224, 224], "datatype": "FP32", '
-            '"data": [%s]}]}' % (rows, values)).encode()
+    return (f'{{"inputs": [{{"name": "input", "shape": [{rows}, 3, 224, 224], "datatype": "FP32", '
+            f'"data": [{values}]}}]}}').encode()
 
 
 def test_large_json_bodies_do_not_stall_the_health_check(server, client, photos):

@@ -36,7 +36,7 @@ def package(module: str) -> str:
 
 
 def test_every_router_module_exists():
-    assert ROUTERS <= set(imports())
+    assert set(imports()) >= ROUTERS
 
 
 def test_a_router_never_imports_another_router():

@@ -12,17 +12,17 @@ from pathlib import Path
 
 os.environ["KERAS_BACKEND"] = "torch"  # before Keras is imported: it runs on PyTorch here
 
-import h5py  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import h5py
+import keras
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
-from model_defs.keras_mobilenet import ALPHA_TEXT, keras_variant  # noqa: E402
-from model_defs.variants import choose  # noqa: E402
-from model_defs.weights import build_with_weights  # noqa: E402
-from tests.onnx_parity import assert_same_logits, onnx_session  # noqa: E402
+from model_defs.keras_mobilenet import ALPHA_TEXT, keras_variant
+from model_defs.variants import choose
+from model_defs.weights import build_with_weights
+from tests.onnx_parity import assert_same_logits, onnx_session
 
 # Keras's own conversions to numpy, on every weight and output: not this project's concern.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -155,7 +155,7 @@ def test_the_converted_file_gives_keras_logits_on_real_photos(repository, refere
     (got,) = onnx_session(repository / "mobilenetv1" / "model.onnx").run(
         None, {"input": inputs.transpose(0, 3, 1, 2).copy()})
     with capsys.disabled():
-        for name, want, have in zip(PHOTOS, expected, got):
+        for name, want, have in zip(PHOTOS, expected, got, strict=True):
             print(f"\nmobilenetv1 (Keras) {name}: max |logit| {np.abs(want).max():.3f}, "
                   f"max abs diff {np.abs(have - want).max():.2e}, top-1 {want.argmax()} / {have.argmax()}", end="")
     assert_same_logits(got, expected, scale=np.abs(expected).max(1, keepdims=True))
@@ -186,7 +186,8 @@ def test_predict_gives_the_top1_of_keras_pipeline(client, reference, photos, cap
     top1 = [answer["predictions"][0]["class_id"] for answer in answers]
     with capsys.disabled():
         print(f"\nmobilenetv1 (Keras) top-1 through /predict {top1}, Keras pipeline {expected.tolist()}", end="")
-    assert sum(int(a == b) for a, b in zip(top1, expected)) >= 3, f"service {top1}, Keras {expected.tolist()}"
+    agree = sum(int(a == b) for a, b in zip(top1, expected, strict=True))
+    assert agree >= 3, f"service {top1}, Keras {expected.tolist()}"
     assert answers[0]["weights"]["source"] == FILE_NAME
     assert listed["weights_source"] == FILE_NAME
     assert "squashed to 256x256" in listed["preprocessing"] and "without antialiasing" in listed["preprocessing"]

@@ -101,7 +101,7 @@ def megvii_state_dict(variant: tuple, calibration: torch.Tensor | None = None, s
     conv("first_conv.0.weight", stem, 3, 3, 3)
     bn("first_conv.1", stem)
     in_channels, unit = stem, 0
-    for repeats, out_channels in zip(UNITS, stages):
+    for repeats, out_channels in zip(UNITS, stages, strict=True):
         for i in range(repeats):
             p, mid = f"features.{unit}", out_channels // 4
             conv(f"{p}.branch_main_1.0.weight", mid, in_channels // (1 if unit == 0 else groups), 1, 1)
@@ -141,7 +141,7 @@ def megvii_pipeline(path: Path, size: int = 256, crop: int = 224) -> np.ndarray:
     height, width = rgb.shape[:2]
     target = (int(size / height * width + 0.5), size) if height < width else (size, int(size / width * height + 0.5))
     resized = cv2.resize(rgb, target, interpolation=cv2.INTER_LINEAR)  # target is (width, height)
-    top, left = int(round((resized.shape[0] - crop) / 2)), int(round((resized.shape[1] - crop) / 2))
+    top, left = round((resized.shape[0] - crop) / 2), round((resized.shape[1] - crop) / 2)
     return np.ascontiguousarray(resized[top:top + crop, left:left + crop, ::-1].transpose(2, 0, 1), np.float32)
 
 
@@ -202,7 +202,7 @@ def test_the_exported_checkpoint_gives_megvii_logits_on_real_photos(repository, 
     assert ((expected.std(1) > 0.3) & (expected.std(1) < 10)).all(), expected.std(1)
     (got,) = onnx_session(repository / "shufflenetv1" / "model.onnx").run(None, {"input": inputs.numpy()})
     with capsys.disabled():
-        for name, want, have in zip(PHOTOS, expected, got):
+        for name, want, have in zip(PHOTOS, expected, got, strict=True):
             print(f"\nshufflenetv1 (megvii) {name}: max |logit| {np.abs(want).max():.3f}, "
                   f"max abs diff {np.abs(have - want).max():.2e}, top-1 {want.argmax()} / {have.argmax()}", end="")
     assert_same_logits(got, expected, scale=np.abs(expected).max(1, keepdims=True))
@@ -228,9 +228,10 @@ def test_predict_gives_the_top1_of_megvii_pipeline(client, checkpoint, inputs, p
     top1 = [answer["predictions"][0]["class_id"] for answer in answers]
     with capsys.disabled():
         print(f"\nshufflenetv1 (megvii) top-1 through /predict {top1}, reference pipeline {expected}", end="")
-    assert sum(int(a == b) for a, b in zip(top1, expected)) >= 3, f"service {top1}, megvii {expected}"
+    assert sum(int(a == b) for a, b in zip(top1, expected, strict=True)) >= 3, f"service {top1}, megvii {expected}"
     assert listed["weights_source"] == "shufflenetv1.pth"
-    assert listed["preprocessing"].startswith("BGR, values 0 to 255;") and "without antialiasing" in listed["preprocessing"]
+    assert listed["preprocessing"].startswith("BGR, values 0 to 255;")
+    assert "without antialiasing" in listed["preprocessing"]
     assert listed["metadata"]["layout"] == "megvii"
 
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model_defs.to_onnx import ExportError, check_parity, export_onnx
 from model_defs.registry import MODELS
+from model_defs.to_onnx import ExportError, check_parity, export_onnx
 from model_defs.weights import build_with_weights
 from tests.onnx_parity import assert_same_logits, onnx_session
 from tests.test_model_defs_weights import preprocess
 
-METADATA_KEYS = {"schema_version", "name", "architecture", "layout", "paper", "model_file", "optimized_model_file", "onnx",
+METADATA_KEYS = {"schema_version", "name", "architecture", "layout", "paper", "model_file", "optimized_model_file",
+                 "onnx",
                  "input", "output", "preprocessing", "labels", "params", "macs", "weights", "export",
                  "quantization"}
 
@@ -102,12 +103,12 @@ def test_export_refuses_an_onnx_file_that_computes_something_else(tmp_path):
     check_parity(model, spec, tmp_path / "model.onnx", seed=1)
     with torch.no_grad():
         model.classifier.bias.add_(0.01)  # every logit moves by 0.01: same ranking, wrong values
-    with pytest.raises(ExportError, match="^effnet: onnxruntime disagrees with PyTorch.*top-5 equal: True"):
+    with pytest.raises(ExportError, match=r"^effnet: onnxruntime disagrees with PyTorch.*top-5 equal: True"):
         check_parity(model, spec, tmp_path / "model.onnx", seed=1)
     with torch.no_grad():
         model.classifier.bias.sub_(0.01)
         model.classifier.weight[3].mul_(1.5)  # one class's logits change: a different ranking
-    with pytest.raises(ExportError, match="^effnet: onnxruntime disagrees with PyTorch.*top-5 equal: False"):
+    with pytest.raises(ExportError, match=r"^effnet: onnxruntime disagrees with PyTorch.*top-5 equal: False"):
         check_parity(model, spec, tmp_path / "model.onnx", seed=1)
 
 

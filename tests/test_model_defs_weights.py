@@ -21,8 +21,8 @@ def preprocess(path: Path, pre: Preprocessing) -> torch.Tensor:
     new_long = int(pre.resize * long / short)
     size = (pre.resize, new_long) if width <= height else (new_long, pre.resize)
     image = image.resize(size, Image.BILINEAR)
-    top = int(round((image.height - pre.crop) / 2))
-    left = int(round((image.width - pre.crop) / 2))
+    top = round((image.height - pre.crop) / 2)
+    left = round((image.width - pre.crop) / 2)
     image = image.crop((left, top, left + pre.crop, top + pre.crop))
     x = (np.asarray(image, dtype=np.float32) / 255.0 - pre.mean) / pre.std
     return torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))
@@ -99,13 +99,13 @@ def test_a_checkpoint_missing_one_tensor_is_refused_naming_it(tmp_path):
     state_dict = model.state_dict()
     del state_dict["features.2.4.1.running_var"]
     save_file(state_dict, str(tmp_path / "effnet.safetensors"))
-    with pytest.raises(WeightsError, match="effnet: effnet.safetensors does not match the model; "
-                                           "missing keys: features.2.4.1.running_var$"):
+    with pytest.raises(WeightsError, match=r"effnet: effnet.safetensors does not match the model; "
+                                           r"missing keys: features.2.4.1.running_var$"):
         build_with_weights(MODELS["effnet"], str(tmp_path))
 
 
 def test_a_missing_custom_file_is_reported(tmp_path):
-    with pytest.raises(WeightsError, match="effnet: no weights file .*effnet.pth or effnet.safetensors"):
+    with pytest.raises(WeightsError, match=r"effnet: no weights file .*effnet.pth or effnet.safetensors"):
         build_with_weights(MODELS["effnet"], str(tmp_path))
 
 
@@ -141,7 +141,7 @@ def test_imagenet_checkpoint_with_a_wrong_hash_is_rejected(tmp_path, monkeypatch
     published = build_with_weights(MODELS["mobilenetv3_small"], "random").model
     url = fake_torchvision_checkpoint(tmp_path, "mobilenet_v3_small", published.state_dict(), "deadbeef")
     spec = dataclasses.replace(MODELS["mobilenetv3_small"], checkpoint_url=url)
-    with pytest.raises(WeightsError, match="mobilenetv3_small: .*hash"):
+    with pytest.raises(WeightsError, match=r"mobilenetv3_small: .*hash"):
         build_with_weights(spec, "imagenet", allow_random_fallback=True)
 
 

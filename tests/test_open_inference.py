@@ -20,8 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from contract import Preprocessing
 from service.preprocess import preprocess
-from tests.service_fixtures import (copy_repository, cpu_seconds, reference_tensor, rss_bytes,
-                                    running_server)
+from tests.service_fixtures import copy_repository, cpu_seconds, reference_tensor, rss_bytes, running_server
 
 IMAGENET_MODEL = "mobilenetv2"
 CIFAR_MODEL = "effnet"
@@ -131,7 +130,7 @@ def test_a_repository_with_a_broken_model_is_live_but_not_ready(model_repository
             assert not client.is_server_ready()  # strict readiness: one model failed
             assert not client.is_model_ready("shufflenetv1")
             assert client.is_model_ready("shufflenetv2")
-            with pytest.raises(InferenceServerException, match="failed to load: .*model.onnx sha256") as error:
+            with pytest.raises(InferenceServerException, match=r"failed to load: .*model.onnx sha256") as error:
                 client.get_model_metadata("shufflenetv1")
             assert error.value.status() == "503"
         finally:
@@ -272,7 +271,7 @@ def test_protocol_requests_are_counted_and_timed_like_predict(client, http, mode
         client.infer(CIFAR_MODEL, [tensor_input(batch[:, :, :16], True)])
     after = counts()
     # ok, refused, then decode and preprocess only for the image; queue, inference, total for both
-    assert [a - b for a, b in zip(after, before)] == [2, 1, 1, 1, 2, 2, 2]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1, 1, 2, 2, 2]
 
 
 # Errors -------------------------------------------------------------------------------------------

@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
 from contract import Preprocessing
+from service.errors import EmptyBody, ImageTooLarge, UndecodableImage
 from service.preprocess import decode, preprocess, to_tensor
 from tests.image_bombs import sixteen_bit_grey_png
-from tests.service_fixtures import (IMAGENET, ONE_GRAY_LEVEL, assert_matches_reference, encode,
-                                    reference_tensor)
+from tests.service_fixtures import IMAGENET, ONE_GRAY_LEVEL, assert_matches_reference, encode, reference_tensor
 
 PREPROCESSING = Preprocessing(**IMAGENET)
 NO_LIMIT = 10**9
@@ -210,7 +209,7 @@ def opencv_reference(image: Image.Image, size: int = 256, crop: int = 224) -> np
     height, width = rgb.shape[:2]
     target = (int(size / height * width + 0.5), size) if height < width else (size, int(size / width * height + 0.5))
     resized = cv2.resize(rgb, target, interpolation=cv2.INTER_LINEAR)
-    top, left = int(round((resized.shape[0] - crop) / 2)), int(round((resized.shape[1] - crop) / 2))
+    top, left = round((resized.shape[0] - crop) / 2), round((resized.shape[1] - crop) / 2)
     return resized[top:top + crop, left:left + crop, ::-1].transpose(2, 0, 1)[None].astype(np.float32)
 
 

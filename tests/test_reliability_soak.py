@@ -26,7 +26,7 @@ def uploads(photos) -> list[bytes]:
     """The test photos as sent, plus a PNG and a small JPEG, so decoding varies too."""
     images = [p.read_bytes() for p in photos.values()]
     cat = Image.open(photos["chelsea"]).convert("RGB")
-    return images + [encode(cat, "PNG"), encode(cat.resize((120, 80)), "JPEG")]
+    return [*images, encode(cat, "PNG"), encode(cat.resize((120, 80)), "JPEG")]
 
 
 async def run(url: str, jobs: list[tuple[str, bytes, bool]]) -> tuple[dict, float]:
@@ -61,7 +61,7 @@ def test_thousands_of_requests_across_all_models_leave_memory_flat(served, photo
     time.sleep(SETTLE_SECONDS)
     warmed = rss_bytes(pid)
     cycle = itertools.cycle(itertools.product(models, images))
-    soak = [(m, i, n % 5 == 0) for n, (m, i) in zip(range(SOAK_REQUESTS), cycle)]
+    soak = [(m, i, n % 5 == 0) for n, (m, i) in zip(range(SOAK_REQUESTS), cycle, strict=False)]
     part = len(soak) // CHECKPOINTS
     statuses, seconds, checkpoints = {}, 0.0, []
     for start in range(0, len(soak), part):

@@ -14,8 +14,17 @@ from PIL import Image
 
 from contract import Preprocessing
 from service.preprocess import preprocess
-from tests.service_fixtures import (IMAGENET, ROOT, assert_matches_reference, copy_repository, encode,
-                                    metric, metric_samples, rss_bytes, running_server)
+from tests.service_fixtures import (
+    IMAGENET,
+    ROOT,
+    assert_matches_reference,
+    copy_repository,
+    encode,
+    metric,
+    metric_samples,
+    rss_bytes,
+    running_server,
+)
 
 MAX_BODY_BYTES = 2_000_000
 MAX_IMAGE_PIXELS = 20_000_000
@@ -187,7 +196,7 @@ def test_metrics_counts_and_histograms_grow_with_requests(client, photos):
         assert client.put("/predict/mobilenetv1", content=image).status_code == 200
     client.put("/predict/mobilenetv1", params={"top_k": 0}, content=image)
     after = counts()
-    assert [a - b for a, b in zip(after, before)] == [3, 3, 3, 1]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3, 3, 1]
 
     text = client.get("/metrics").text
     buckets = metric_samples(text, "cnn_serve_stage_duration_seconds_bucket")
@@ -228,7 +237,7 @@ def test_the_latency_comparison_comes_as_json_and_as_a_table(client, photos):
 
 def test_each_request_leaves_one_log_line_with_model_status_and_timings(client, server, photos):
     client.put("/predict/mobilenetv2", params={"top_k": 3}, content=photos["rocket"].read_bytes())
-    lines = [l for l in server.log.read_text().splitlines() if "PUT /predict/mobilenetv2 " in l]
+    lines = [line for line in server.log.read_text().splitlines() if "PUT /predict/mobilenetv2 " in line]
     assert re.search(r"model=mobilenetv2 status=200 read=[\d.]+ms decode=[\d.]+ms preprocess=[\d.]+ms "
                      r"queue=[\d.]+ms inference=[\d.]+ms total=[\d.]+ms$", lines[-1])
 
@@ -251,7 +260,7 @@ def test_32_concurrent_requests_for_mixed_models_each_get_their_own_result(clien
                                           for m, p in jobs))
 
     responses = asyncio.run(send_all())
-    for (model, photo), response in zip(jobs, responses):
+    for (model, photo), response in zip(jobs, responses, strict=True):
         body = response.json()
         want = expected[model, photo]
         assert body["model"] == model

@@ -67,7 +67,8 @@ def test_the_default_names_still_mean_the_seven_defaults():
     assert choose("mobilenetv3_large").spec.architecture == "MobileNetV3-Large 1.0"
     assert choose("mobilenetv2_int8").spec.name == "mobilenetv2" and choose("mobilenetv2_int8").int8
     # A variant that spells out a default's knobs is that network, under its own name.
-    assert count_params(choose("mobilenetv1_1.0_224").spec.builder()) == count_params(choose("mobilenetv1").spec.builder())
+    spelled_out, default = choose("mobilenetv1_1.0_224"), choose("mobilenetv1")
+    assert count_params(spelled_out.spec.builder()) == count_params(default.spec.builder())
 
 
 @pytest.mark.parametrize("name, fragments", [
@@ -169,7 +170,8 @@ def test_the_int8_model_records_its_calibration_and_a_drift_one_can_recompute(va
     drift = quantization["drift"]
     top5 = lambda logits: [set(row) for row in np.argsort(-logits, axis=1)[:, :5]]  # noqa: E731
     assert drift["top1_agreement"] == pytest.approx(float((fp32.argmax(1) == int8.argmax(1)).mean()))
-    assert drift["top5_overlap"] == pytest.approx(np.mean([len(a & b) / 5 for a, b in zip(top5(fp32), top5(int8))]))
+    overlaps = [len(a & b) / 5 for a, b in zip(top5(fp32), top5(int8), strict=True)]
+    assert drift["top5_overlap"] == pytest.approx(np.mean(overlaps))
     cosine = (fp32 * int8).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8, axis=1)
     assert drift["logit_cosine_mean"] == pytest.approx(cosine.mean(), abs=1e-3)
     assert drift["logit_cosine_min"] == pytest.approx(cosine.min(), abs=1e-3)
