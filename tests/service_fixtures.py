@@ -13,8 +13,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-# The one implementation of these, shared with the bench; the tests import them from here.
+# The one implementation of these, shared with the bench; the tests import them from here
+# (`as` names each one re-exported).
 from bench.servers import ServerProcess as Server
+from bench.servers import cpu_seconds as cpu_seconds
+from bench.servers import free_port as free_port
+from bench.servers import rss_bytes as rss_bytes
 from bench.servers import running_service
 
 # The contract's ImageNet preprocessing, written out here independently of the service.

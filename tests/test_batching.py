@@ -86,7 +86,7 @@ def test_queued_requests_wait_up_to_the_delay_to_fill_a_batch(small_repository, 
     answers = asyncio.run(scenario())
     assert sizes == [1, 2]  # the second waited for the third instead of running alone
     assert answers[1].queue_ms >= delay_ms * 0.9
-    for tensor, answer in zip(photo_tensors, answers, strict=True):
+    for tensor, answer in zip(photo_tensors[:3], answers, strict=True):
         np.testing.assert_allclose(answer.outputs, lone_run(engine, tensor), rtol=1e-5, atol=1e-5)
     engine.close()
 
