@@ -19,6 +19,7 @@ from service.dataplane import DataPlane
 from service.engine import Engine
 from service.error_responses import install_error_handlers
 from service.lifecycle import Lifecycle
+from service.log_writer import write_through_queue
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestRecorder, ShutdownAnswer
 from service.model_control import by_model
@@ -140,5 +141,5 @@ def _configure_logging(level: str) -> None:
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+        write_through_queue(logger, handler)  # never written from the event loop
         logger.propagate = False

@@ -2,7 +2,9 @@
 and the values of its /metrics."""
 import io
 import os
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +83,17 @@ def ready_server(source: Path, folder: Path, *models: str, **env: str) -> Iterat
     with running_server(repository, folder / "service.log", **env) as server:
         server.wait_ready()
         yield server
+
+
+def logged(server: Server, pattern: str, timeout: float = 5.0) -> str:
+    """The server's log once a line matches `pattern` (a regular expression), or as it is when
+    `timeout` passes: a writer thread writes each line a moment after its answer is sent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = server.log.read_text(errors="replace")
+        if re.search(pattern, text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.02)
 
 
 def copy_repository(source: Path, target: Path, *models: str) -> Path:

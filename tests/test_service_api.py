@@ -20,6 +20,7 @@ from tests.service_fixtures import (
     assert_matches_reference,
     copy_repository,
     encode,
+    logged,
     metric,
     metric_samples,
     rss_bytes,
@@ -237,7 +238,8 @@ def test_the_latency_comparison_comes_as_json_and_as_a_table(client, photos):
 
 def test_each_request_leaves_one_log_line_with_model_status_and_timings(client, server, photos):
     client.put("/predict/mobilenetv2", params={"top_k": 3}, content=photos["rocket"].read_bytes())
-    lines = [line for line in server.log.read_text().splitlines() if "PUT /predict/mobilenetv2 " in line]
+    text = logged(server, r"PUT /predict/mobilenetv2 .* total=")
+    lines = [line for line in text.splitlines() if "PUT /predict/mobilenetv2 " in line]
     assert re.search(r"model=mobilenetv2 status=200 read=[\d.]+ms decode=[\d.]+ms preprocess=[\d.]+ms "
                      r"queue=[\d.]+ms inference=[\d.]+ms total=[\d.]+ms$", lines[-1])
 

@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.service_fixtures import free_port, metric
+from tests.service_fixtures import free_port, logged, metric
 
 MODEL = "small_imagenet"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -105,8 +105,8 @@ def test_spans_reach_the_collector_named_by_the_otel_variables(served, collector
     assert {resource["service.name"] for resource, _ in spans} == {"vision-edge"}
 
     server_span_id = response.headers["traceresponse"].split("-")[2]
-    assert re.search(rf"trace_id={TRACE_ID} span_id={server_span_id} model={MODEL} status=200",
-                     server.log.read_text())
+    pattern = rf"trace_id={TRACE_ID} span_id={server_span_id} model={MODEL} status=200"
+    assert re.search(pattern, logged(server, pattern))
     openmetrics = httpx.get(f"{server.url}/metrics", headers={"Accept": "application/openmetrics-text"})
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
     assert f'# {{span_id="{server_span_id}",trace_id="{TRACE_ID}"}}' in openmetrics.text
@@ -157,8 +157,8 @@ def test_a_grpc_call_with_a_traceparent_in_its_metadata_continues_that_trace(ser
     for stage in ("read", "decode", "preprocess", "queue", "inference", "encode"):
         lasted_ms = (stages[stage].end_time_unix_nano - stages[stage].start_time_unix_nano) / 1e6
         assert abs(lasted_ms - timings[stage]) <= 0.1, stage
-    assert re.search(rf"trace_id={second_trace} span_id={server_span_id} model={MODEL} status=200",
-                     server.log.read_text())
+    pattern = rf"trace_id={second_trace} span_id={server_span_id} model={MODEL} status=200"
+    assert re.search(pattern, logged(server, pattern))
 
     refused_trace = "badc0ffeebadc0ffeebadc0ffeebadc0"
     request.model_name = "no_such_model"
@@ -179,7 +179,7 @@ def test_without_the_variables_or_with_the_sdk_disabled_nothing_is_traced(served
     for server in (plain, disabled):
         response = predict(server, photos, traceparent=TRACEPARENT)
         assert response.status_code == 200 and "traceresponse" not in response.headers
-        assert "trace_id=" not in server.log.read_text()
+        assert "trace_id=" not in logged(server, rf"PUT /predict/{MODEL} .*status=200")
     time.sleep(0.5)  # ten times the schedule delay
     collector.server.shutdown()
     assert collector.spans == []
