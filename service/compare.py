@@ -170,9 +170,8 @@ def _trace(tracing: Tracing, server: Span, entry: Entry) -> None:
                                            "inference": Stage(inference.started, inference.inference_ms)}
     if entry.lasted is not None:
         tracing.model_span(server, f"model {entry.name}", entry.lasted, stages, attributes, code)
-    if inference is not None and inference.shared_by:
-        tracing.batch_span(entry.name, inference.shared_by, inference.started,
-                           inference.started + inference.inference_ms / 1000)
+    if inference is not None:
+        tracing.batch_span(entry.name, inference)
 
 
 def _count(plane: DataPlane, entries: list[Entry]) -> None:

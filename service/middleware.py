@@ -160,11 +160,9 @@ def _log(scope: Scope, record: RequestRecord) -> None:
     path = scope["path"]
     # %r: a path is decoded from the URL and may hold anything, newlines included.
     shown = path if path.isprintable() and " " not in path else repr(path)
-    ids = record.trace_ids
-    traced = f" trace_id={ids[0]} span_id={ids[1]}" if ids else ""
     model = f" model={record.model}" if record.model is not None else ""
     log.info("%s %s request_id=%s%s%s status=%d %s", scope["method"], shown, record.request_id,
-             traced, model, record.status, record.logged_stages())
+             record.logged_trace(), model, record.status, record.logged_stages())
 
 
 def _error_code(body: bytes) -> str | None:

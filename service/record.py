@@ -59,6 +59,11 @@ class RequestRecord:
             return None
         return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
+    def logged_trace(self) -> str:
+        """The log line's trace and span ids while the request is traced, else nothing."""
+        ids = self.trace_ids
+        return f" trace_id={ids[0]} span_id={ids[1]}" if ids else ""
+
     def server_timings(self) -> dict[str, float]:
         """What Server-Timing says, sent once the answer is encoded: the stages of `timings_ms`,
         then `encode`, which the body cannot hold since it is what is being encoded."""
@@ -98,9 +103,8 @@ class RequestRecord:
         set_error(span, code, self.status)
         if self.stages:
             tracing.stage_spans(span, self.stages, attributes)
-        if self.batch is not None and self.batch.shared_by:
-            tracing.batch_span(self.model or "", self.batch.shared_by, self.batch.started,
-                               self.batch.started + self.batch.inference_ms / 1000)
+        if self.batch is not None:
+            tracing.batch_span(self.model or "", self.batch)
         span.end()
 
 

@@ -83,10 +83,12 @@ class Tracing:
     def __init__(self, processor: SpanProcessor | None, dropped: "DroppedSpans | None" = None) -> None:
         self.enabled = processor is not None
         self.processor = processor
-        self.provider = TracerProvider(resource=_Resource.create())  # sampler and resource from OTEL_*
-        if processor is not None:
+        self.provider: TracerProvider | None = None
+        self.tracer: trace.Tracer | None = None
+        if processor is not None:  # off: no resource to detect, no provider
+            self.provider = TracerProvider(resource=_Resource.create())  # sampler and resource from OTEL_*
             self.provider.add_span_processor(processor)
-        self.tracer = self.provider.get_tracer(SCOPE.name) if processor is not None else None
+            self.tracer = self.provider.get_tracer(SCOPE.name)
         self.dropped = dropped
 
     @classmethod
@@ -103,6 +105,7 @@ class Tracing:
         if exporter is None:
             return cls.off()
         tracing = cls(dropped.counting(BatchSpanProcessor(dropped.exporting(exporter))), dropped)
+        assert tracing.provider is not None
         log.info("tracing on: exporter %s, sampler %s", type(exporter).__name__,
                  tracing.provider.sampler.get_description())
         return tracing
@@ -141,17 +144,20 @@ class Tracing:
         self.stage_spans(span, stages, attributes)
         span.end(wall_ns(lasted.start + lasted.duration_ms / 1000))
 
-    def batch_span(self, model: str, requests: Sequence[SpanContext], start: float, end: float) -> None:
-        """The span of one session.run, linked to each request that shared it; recorded when one of
-        them is (a trace of its own, so a sampled request always finds its batch)."""
+    def batch_span(self, model: str, inference) -> None:
+        """The span of the session.run an Inference (service/batching.py) came from, linked to each
+        request that shared it, made by the one request it was given to (`shared_by`); recorded when
+        one of them is sampled (a trace of its own, so a sampled request always finds its batch)."""
+        requests: Sequence[SpanContext] = inference.shared_by
         if not any(context.trace_flags.sampled for context in requests):
             return
-        self._finished("batch", None, start, end, {"model": model, "batch.requests": len(requests)},
+        self._finished("batch", None, inference.started, inference.started + inference.inference_ms / 1000,
+                       {"model": model, "batch.requests": len(requests)},
                        [Link(context) for context in requests if context.is_valid])
 
     def _finished(self, name: str, parent: SpanContext | None, start: float, end: float,
                   attributes: dict, links: Sequence[Link] = ()) -> None:
-        assert self.processor is not None
+        assert self.processor is not None and self.provider is not None
         ids = self.provider.id_generator
         trace_id = parent.trace_id if parent is not None else ids.generate_trace_id()
         state = parent.trace_state if parent is not None else None

@@ -194,7 +194,7 @@ class InferenceServicer:
                 return answer
             except ServiceError as exc:
                 failure = grpc_status(exc)
-                await self._abort(context, record, exc)
+                await self._abort(context, record, exc.message, failure)
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed
                 left = context.time_remaining()
                 gone = ClientClosedRequest() if left is None or left > 0 else \
@@ -226,11 +226,12 @@ class InferenceServicer:
             await context.send_initial_metadata((("traceresponse", value.decode()),))
         return otel_context.attach(trace.set_span_in_context(record.span))
 
-    async def _abort(self, context: aio.ServicerContext, record: RequestRecord,
-                     exc: ServiceError) -> None:
-        status, record.status, code = grpc_status(exc)
+    async def _abort(self, context: aio.ServicerContext, record: RequestRecord, message: str,
+                     failure: tuple[grpc.StatusCode, int, str]) -> None:
+        """End the RPC with the error's gRPC status (`failure`, from grpc_status) and message."""
+        status, record.status, code = failure
         context.set_trailing_metadata((("code", code), ("x-request-id", record.request_id)))
-        await context.abort(status, exc.message)
+        await context.abort(status, message)
 
     def _record(self, method: str, record: RequestRecord, failure: tuple[grpc.StatusCode, int, str] | None
                 ) -> None:
@@ -240,9 +241,8 @@ class InferenceServicer:
             record.end_span(self.plane.tracing, {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method,
                                                  "rpc.grpc.status_code": status.value[0], "protocol": "grpc"},
                             failure[2] if failure else None)
-        ids = record.trace_ids
         log.info("GRPC /%s/%s request_id=%s%s%s status=%d %s", SERVICE, method, record.request_id,
-                 f" trace_id={ids[0]} span_id={ids[1]}" if ids else "",
+                 record.logged_trace(),
                  f" model={record.model}" if record.model else "", record.status, record.logged_stages())
 
 
