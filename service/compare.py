@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from opentelemetry.trace import Span
 
 from contract import Preprocessing
 from service.admission import Admission
@@ -47,7 +46,7 @@ from service.lifecycle import HttpAdapter, HttpCall, Inputs, Result, cancelled_w
 from service.metrics import COMPARISON
 from service.preprocess import DecodedImage, PreparedImage, to_tensor
 from service.record import record_of
-from service.tracing import Stage, Tracing
+from service.tracing import ServerSpan, Stage, Tracing
 
 Decode = Callable[[bytes, Preprocessing], DecodedImage]
 TENSOR_BYTES_PER_PIXEL = 3 * 4  # float32 RGB
@@ -156,7 +155,7 @@ def _since(started: float) -> Stage:
     return Stage(started, (time.perf_counter() - started) * 1000)
 
 
-def _trace(tracing: Tracing, server: Span, entry: Entry) -> None:
+def _trace(tracing: Tracing, server: ServerSpan, entry: Entry) -> None:
     """The model's span under the request's server span: its queue and inference spans, its error."""
     code = status_and_code(entry.error)[1] if entry.error is not None else None
     inference = entry.inference

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Collection
 
 import orjson
-from opentelemetry import context, trace
+from opentelemetry import context
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.budget import BODY_COPIES, MemoryBudget
@@ -53,14 +53,14 @@ class RequestRecorder:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, echoed)]
-                if record.span is not None and (value := traceresponse(record.span)) is not None:
-                    message["headers"].append((TRACERESPONSE_HEADER, value))
+                if record.span is not None:
+                    message["headers"].append((TRACERESPONSE_HEADER, traceresponse(record.span)))
             elif record.span is not None and record.status >= 400 and len(error_body) < ERROR_BODY_READ:
                 error_body.extend(message.get("body", b""))
             await send(message)
 
         self.metrics.in_flight.inc()
-        attached = context.attach(trace.set_span_in_context(record.span)) if record.span else None
+        attached = context.attach(record.span.current()) if record.span else None
         try:
             await self.app(scope, receive, send_with_id)
         finally:
@@ -77,7 +77,8 @@ class RequestRecorder:
     def _end_span(self, scope: Scope, record: RequestRecord, error_body: bytes) -> None:
         """The server span's name and HTTP attributes; the record ends it (service/record.py)."""
         route = getattr(scope.get("route"), "path", None)
-        record.span.update_name(f"{scope['method']} {route or scope['path']}")
+        assert record.span is not None
+        record.span.name = f"{scope['method']} {route or scope['path']}"
         attributes = {"http.request.method": scope["method"], "http.response.status_code": record.status,
                       **({"http.route": route} if route else {})}
         record.end_span(self.tracing, attributes, _error_code(error_body) if record.status >= 400 else None)

@@ -16,7 +16,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from service.metrics import COMPARISON, UNKNOWN_MODEL, Metrics
-from service.tracing import Stage, Tracing, set_error
+from service.tracing import ServerSpan, Stage, Tracing
 
 SCOPE_KEY = "cnn_serve.record"
 # A client's request id is echoed and logged only if it cannot forge log lines or bloat them.
@@ -46,7 +46,7 @@ class RequestRecord:
     memory: Any = None  # the request's account of the memory budget, while it holds one
     # Tracing (service/tracing.py): the server span while the request is traced, and what the
     # lifecycle measured for its spans: each stage's start and duration, the request's facts.
-    span: Any = None
+    span: ServerSpan | None = None
     stages: dict[str, Stage] = field(default_factory=dict)
     attributes: dict[str, str | int] = field(default_factory=dict)  # model, version, protocol, image
     batch: Any = None  # the service.batching.Inference that answered it
@@ -54,7 +54,7 @@ class RequestRecord:
     @property
     def trace_ids(self) -> tuple[str, str] | None:
         """The trace id and the server span id, hex, while the request is traced and sampled."""
-        context = self.span.get_span_context() if self.span is not None else None
+        context = self.span.context if self.span is not None else None
         if context is None or not context.trace_flags.sampled:  # an unsampled trace leads nowhere
             return None
         return f"{context.trace_id:032x}", f"{context.span_id:016x}"
@@ -94,18 +94,17 @@ class RequestRecord:
         lifecycle's attributes with the protocol's `attributes` (last, so they win), the status (an
         error `code` or a 5xx), one span per stage and the span of its batched inference."""
         span = self.span
+        assert span is not None
         attributes = {**({"model": self.model} if self.model else {}), **self.attributes, **attributes}
         if self.batch is not None:
             attributes["batch.size"] = self.batch.batch_size
         if code is not None:
             attributes["error.code"] = code
-        span.set_attributes(attributes)
-        set_error(span, code, self.status)
-        if self.stages:
-            tracing.stage_spans(span, self.stages, attributes)
+        span.attributes.update(attributes)
+        span.set_error(code, self.status)
+        tracing.end(span, self.stages)
         if self.batch is not None:
             tracing.batch_span(self.model or "", self.batch)
-        span.end()
 
 
 def record_of(where: HTTPConnection | Scope) -> RequestRecord:

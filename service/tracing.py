@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -28,7 +28,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter
 
@@ -39,6 +39,7 @@ DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's own default for OTEL_BSP_MAX_QUEUE_SI
 PROPAGATOR = TraceContextTextMapPropagator()
 SCOPE = InstrumentationScope("cnn-serve")
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+UNSET = Status(StatusCode.UNSET)
 
 
 def enabled_by(environ: Mapping[str, str]) -> bool:
@@ -72,23 +73,44 @@ def measured_stages(read: Stage, images: Sequence, inference, timings_ms: Mappin
     return stages
 
 
+@dataclass(eq=False)
+class ServerSpan:
+    """A request's server span while the request lives: its context (a batch links to it, the
+    answer's `traceresponse` names it), its parent (the caller's, if it sent one), and what it will
+    say when it ends. Tracing makes it and ends it finished, as the stage spans are, rather than
+    through the SDK's tracer, whose span takes a lock and checks each attribute as it is set: a
+    third of what tracing cost on the event loop (effnet, measured)."""
+    name: str
+    context: SpanContext
+    parent: SpanContext | None
+    start: float
+    attributes: dict = field(default_factory=dict)
+    status: Status = UNSET
+
+    def current(self) -> Context:
+        """A context in which this span is the current one (what service/batching.py reads)."""
+        return trace.set_span_in_context(NonRecordingSpan(self.context))
+
+    def set_error(self, code: str | None, status: int) -> None:
+        if status >= 500 or code is not None:
+            self.status = Status(StatusCode.ERROR, code or f"HTTP {status}")
+
+
 class Tracing:
     """The service's tracer; `enabled` False means every method is a no-op.
 
-    Only the server span goes through the SDK's tracer (the sampler decides there). The stage and
-    batch spans are already over when they are made, so they are built finished and handed to the
-    span processor: a tenth of the CPU of starting and ending each through the tracer, which a
-    request traced end to end would otherwise spend mostly there (measured on effnet)."""
+    Every span is built finished (`ReadableSpan`) and handed to the span processor, a request's
+    spans together: the sampler decides at the server span, as the SDK's tracer does, and the
+    other spans of a sampled request follow it. Building them is a tenth of the CPU of starting and
+    ending each through the SDK's tracer (measured on effnet)."""
 
     def __init__(self, processor: SpanProcessor | None, dropped: "DroppedSpans | None" = None) -> None:
         self.enabled = processor is not None
         self.processor = processor
         self.provider: TracerProvider | None = None
-        self.tracer: trace.Tracer | None = None
         if processor is not None:  # off: no resource to detect, no provider
             self.provider = TracerProvider(resource=_Resource.create())  # sampler and resource from OTEL_*
-            self.provider.add_span_processor(processor)
-            self.tracer = self.provider.get_tracer(SCOPE.name)
+            self.provider.add_span_processor(processor)  # shut down with it
         self.dropped = dropped
 
     @classmethod
@@ -100,71 +122,94 @@ class Tracing:
                          environ: Mapping[str, str] = os.environ) -> "Tracing":
         if not enabled_by(environ):
             return cls.off()
-        dropped = DroppedSpans(registry, int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE)))
         exporter = _exporter(environ)
         if exporter is None:
             return cls.off()
-        tracing = cls(dropped.counting(BatchSpanProcessor(dropped.exporting(exporter))), dropped)
+        dropped = DroppedSpans(registry, int(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE)))
+        tracing = cls(BatchSpanProcessor(dropped.exporting(exporter)), dropped)
         assert tracing.provider is not None
         log.info("tracing on: exporter %s, sampler %s", type(exporter).__name__,
                  tracing.provider.sampler.get_description())
         return tracing
 
     def start_server_span(self, name: str, headers: Iterable[tuple[bytes, bytes]], start: float
-                          ) -> trace.Span | None:
-        """The request's server span, a child of the caller's `traceparent` when it sent one."""
-        if self.tracer is None:
+                          ) -> ServerSpan | None:
+        """The request's server span, a child of the caller's `traceparent` when it sent one,
+        sampled or not as the sampler decides (`OTEL_TRACES_SAMPLER`)."""
+        if self.provider is None:
             return None
         carrier = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers
                    if key in (b"traceparent", b"tracestate")}
-        parent = PROPAGATOR.extract(carrier) if carrier else Context()
-        return self.tracer.start_span(name, parent, SpanKind.SERVER, start_time=wall_ns(start))
+        context = PROPAGATOR.extract(carrier) if carrier else Context()
+        parent = trace.get_current_span(context).get_span_context()
+        ids = self.provider.id_generator
+        trace_id = parent.trace_id if parent.is_valid else ids.generate_trace_id()
+        sampling = self.provider.sampler.should_sample(context, trace_id, name, SpanKind.SERVER)
+        flags = SAMPLED if sampling.decision.is_sampled() else TraceFlags(TraceFlags.DEFAULT)
+        return ServerSpan(name, SpanContext(trace_id, ids.generate_span_id(), False, flags, sampling.trace_state),
+                          parent if parent.is_valid else None, start, dict(sampling.attributes or {}))
 
-    def stage_spans(self, server: trace.Span, stages: Mapping[str, Stage], attributes: Mapping) -> None:
-        """One child span per stage, timed exactly as the lifecycle timed it. The request's
-        `attributes` are on its server span; a stage span carries only its own, the inference its
-        batch's (each attribute is encoded again per span: on effnet, a tenth of tracing's CPU)."""
-        parent = server.get_span_context()
-        if not parent.trace_flags.sampled:
-            return
-        batch = {key: value for key, value in attributes.items() if key.startswith("batch")}
-        for name, stage in stages.items():
-            self._finished(name, parent, stage.start, stage.start + stage.duration_ms / 1000,
-                           batch if name == "inference" else {})
+    def end(self, span: ServerSpan, stages: Mapping[str, Stage]) -> None:
+        """The server span, over now, and one child span per stage, timed exactly as the lifecycle
+        timed it. The request's attributes are on its server span; a stage span carries only its
+        own, the inference its batch's (each attribute is encoded again per span)."""
+        if span.context.trace_flags.sampled:
+            self._emit([self._span(span.name, span.context, span.parent, span.start, time.perf_counter(),
+                                   span.attributes, SpanKind.SERVER, span.status),
+                        *self._stage_spans(span.context, stages, span.attributes)])
 
-    def model_span(self, server: trace.Span, name: str, lasted: Stage, stages: Mapping[str, Stage],
+    def model_span(self, server: ServerSpan, name: str, lasted: Stage, stages: Mapping[str, Stage],
                    attributes: dict, code: str | None) -> None:
         """One model's part of a request several models answer (/compare): a span under the server
         span, its own stages under it, and its error, if it has one, as its status."""
-        assert self.tracer is not None
-        span = self.tracer.start_span(name, trace.set_span_in_context(server), start_time=wall_ns(lasted.start),
-                                      attributes={**attributes, **({"error.code": code} if code else {})})
-        if code is not None:
-            span.set_status(Status(StatusCode.ERROR, code))
-        self.stage_spans(span, stages, attributes)
-        span.end(wall_ns(lasted.start + lasted.duration_ms / 1000))
+        if not server.context.trace_flags.sampled:
+            return
+        context = self._context(server.context)
+        self._emit([self._span(name, context, server.context, lasted.start, lasted.start + lasted.duration_ms / 1000,
+                               {**attributes, **({"error.code": code} if code else {})}, SpanKind.INTERNAL,
+                               Status(StatusCode.ERROR, code) if code is not None else UNSET),
+                    *self._stage_spans(context, stages, attributes)])
 
     def batch_span(self, model: str, inference) -> None:
         """The span of the session.run an Inference (service/batching.py) came from, linked to each
         request that shared it, made by the one request it was given to (`shared_by`); recorded when
         one of them is sampled (a trace of its own, so a sampled request always finds its batch)."""
         requests: Sequence[SpanContext] = inference.shared_by
-        if not any(context.trace_flags.sampled for context in requests):
+        if self.provider is None or not any(context.trace_flags.sampled for context in requests):
             return
-        self._finished("batch", None, inference.started, inference.started + inference.inference_ms / 1000,
-                       {"model": model, "batch.requests": len(requests)},
-                       [Link(context) for context in requests if context.is_valid])
+        self._emit([self._span("batch", self._context(None), None, inference.started,
+                               inference.started + inference.inference_ms / 1000,
+                               {"model": model, "batch.requests": len(requests)},
+                               links=[Link(context) for context in requests if context.is_valid])])
 
-    def _finished(self, name: str, parent: SpanContext | None, start: float, end: float,
-                  attributes: dict, links: Sequence[Link] = ()) -> None:
-        assert self.processor is not None and self.provider is not None
+    def _stage_spans(self, parent: SpanContext, stages: Mapping[str, Stage], attributes: Mapping
+                     ) -> list[ReadableSpan]:
+        batch = {key: value for key, value in attributes.items() if key.startswith("batch")}
+        return [self._span(name, self._context(parent), parent, stage.start, stage.start + stage.duration_ms / 1000,
+                           batch if name == "inference" else {}) for name, stage in stages.items()]
+
+    def _context(self, parent: SpanContext | None) -> SpanContext:
+        """A new sampled span's context, in its parent's trace or a trace of its own."""
+        assert self.provider is not None
         ids = self.provider.id_generator
-        trace_id = parent.trace_id if parent is not None else ids.generate_trace_id()
-        state = parent.trace_state if parent is not None else None
-        context = SpanContext(trace_id, ids.generate_span_id(), False, SAMPLED, state)
-        self.processor.on_end(ReadableSpan(
-            name, context, parent, resource=self.provider.resource, attributes=attributes, links=links,
-            start_time=wall_ns(start), end_time=wall_ns(end), instrumentation_scope=SCOPE))
+        if parent is None:
+            return SpanContext(ids.generate_trace_id(), ids.generate_span_id(), False, SAMPLED)
+        return SpanContext(parent.trace_id, ids.generate_span_id(), False, SAMPLED, parent.trace_state)
+
+    def _span(self, name: str, context: SpanContext, parent: SpanContext | None, start: float, end: float,
+              attributes: Mapping, kind: SpanKind = SpanKind.INTERNAL, status: Status = UNSET,
+              links: Sequence[Link] = ()) -> ReadableSpan:
+        assert self.provider is not None
+        return ReadableSpan(name, context, parent, resource=self.provider.resource, attributes=attributes,
+                            kind=kind, status=status, links=links, start_time=wall_ns(start),
+                            end_time=wall_ns(end), instrumentation_scope=SCOPE)
+
+    def _emit(self, spans: list[ReadableSpan]) -> None:
+        assert self.processor is not None
+        if self.dropped is not None:
+            self.dropped.queued(len(spans))
+        for span in spans:
+            self.processor.on_end(span)
 
     def shutdown(self) -> None:
         if self.provider is not None:
@@ -190,17 +235,10 @@ class _Resource(Resource):
     __eq__ = Resource.__eq__
 
 
-def traceresponse(span: trace.Span) -> bytes | None:
+def traceresponse(span: ServerSpan) -> bytes:
     """The W3C `traceresponse` value naming the server span, so a client can find its trace."""
-    context = span.get_span_context()
-    if not context.is_valid:
-        return None
+    context = span.context
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}".encode()
-
-
-def set_error(span: trace.Span, code: str | None, status: int) -> None:
-    if status >= 500 or code is not None:
-        span.set_status(Status(StatusCode.ERROR, code or f"HTTP {status}"))
 
 
 # perf_counter has no epoch; one offset taken at import maps it to the wall clock spans need.
@@ -244,43 +282,22 @@ class DroppedSpans:
         self.pending = 0
         self._lock = threading.Lock()
 
-    def counting(self, processor: SpanProcessor) -> SpanProcessor:
-        return _CountingProcessor(processor, self)
-
     def exporting(self, exporter: SpanExporter) -> SpanExporter:
         return _CountingExporter(exporter, self)
 
-    def queued(self) -> None:
+    def queued(self, spans: int) -> None:
+        """`spans` handed to the processor; those past its queue's bound make it drop as many."""
         with self._lock:
-            if self.pending >= self.max_queue_size:  # the processor drops one span to take this one
-                self.counter.labels(reason="queue_full").inc()
-            else:
-                self.pending += 1
+            taken = min(spans, self.max_queue_size - self.pending)
+            self.pending += taken
+        if taken < spans:
+            self.counter.labels(reason="queue_full").inc(spans - taken)
 
     def exported(self, spans: int, ok: bool) -> None:
         with self._lock:
             self.pending = max(0, self.pending - spans)
         if not ok:
             self.counter.labels(reason="export_failed").inc(spans)
-
-
-class _CountingProcessor(SpanProcessor):
-    def __init__(self, processor: SpanProcessor, dropped: DroppedSpans) -> None:
-        self.processor, self.dropped = processor, dropped
-
-    def on_start(self, span, parent_context=None) -> None:
-        self.processor.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.context is not None and span.context.trace_flags.sampled:
-            self.dropped.queued()
-        self.processor.on_end(span)
-
-    def shutdown(self) -> None:
-        self.processor.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.processor.force_flush(timeout_millis)
 
 
 class _CountingExporter(SpanExporter):

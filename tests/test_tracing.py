@@ -159,6 +159,31 @@ def test_an_error_sets_the_server_span_status_with_its_code(small_repository, sp
     assert server.status.description == response.json()["code"]
 
 
+def test_the_sampler_named_by_the_environment_decides_and_a_callers_decision_is_kept(
+        small_repository, photos, spans, monkeypatch):
+    # Sample nothing of our own; follow the caller's flag when it sends one.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    image = photos["coffee"].read_bytes()
+
+    async def scenario():
+        async with serving(small_repository, spans) as client:
+            return [await predict(client, image), await predict(client, image, traceparent=TRACEPARENT),
+                    await predict(client, image, traceparent=TRACEPARENT[:-2] + "00")]
+
+    own, sampled, unsampled = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in (own, sampled, unsampled))
+    assert own.headers["traceresponse"].endswith("-00") and TRACE_ID not in own.headers["traceresponse"]
+    assert unsampled.headers["traceresponse"].startswith(f"00-{TRACE_ID}-")
+    assert unsampled.headers["traceresponse"].endswith("-00")
+    assert sampled.headers["traceresponse"].endswith("-01")
+    finished = spans.get_finished_spans()
+    assert {f"{span.context.trace_id:032x}" for span in finished} == {TRACE_ID}  # only the sampled request's
+    server = next(s for s in finished if s.kind == SpanKind.SERVER)
+    assert sampled.headers["traceresponse"] == f"00-{TRACE_ID}-{server.context.span_id:016x}-01"
+    assert {span.name for span in finished} >= {server.name, *STAGES}
+
+
 def test_probes_are_not_traced(small_repository, spans):
     async def scenario():
         async with serving(small_repository, spans) as client:

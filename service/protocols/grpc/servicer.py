@@ -20,7 +20,6 @@ import grpc
 from google.protobuf import json_format
 from grpc import aio
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.context import Context
 
 from service.auth import check_api_key
@@ -222,9 +221,8 @@ class InferenceServicer:
         record.span = tracing.start_server_span(f"{SERVICE}/{method}", metadata, record.started)
         if record.span is None:
             return None
-        if (value := traceresponse(record.span)) is not None:
-            await context.send_initial_metadata((("traceresponse", value.decode()),))
-        return otel_context.attach(trace.set_span_in_context(record.span))
+        await context.send_initial_metadata((("traceresponse", traceresponse(record.span).decode()),))
+        return otel_context.attach(record.span.current())
 
     async def _abort(self, context: aio.ServicerContext, record: RequestRecord, message: str,
                      failure: tuple[grpc.StatusCode, int, str]) -> None:
