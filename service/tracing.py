@@ -32,6 +32,8 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, S
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter
 
+from service import otlp_encoding
+
 log = logging.getLogger("service.tracing")
 ENABLING_VARIABLES = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
                       "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -260,10 +262,12 @@ def _exporter(environ: Mapping[str, str]) -> SpanExporter | None:
     protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                            environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")).strip().lower()
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
-        return Grpc()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
-    return Http()
+        from opentelemetry.exporter.otlp.proto.grpc import trace_exporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http import trace_exporter  # type: ignore[no-redef]
+    # Each exporter calls the encoder by this module-level name: the same bytes, in half the time.
+    trace_exporter.encode_spans = otlp_encoding.encode_spans
+    return trace_exporter.OTLPSpanExporter()
 
 
 class DroppedSpans:
