@@ -119,8 +119,8 @@ class MemoryBudget:
         self._lock = threading.Lock()
         self._size = Gauge("cnn_serve_memory_budget_bytes", "Memory all requests may hold at once "
                            "(MEMORY_BUDGET_BYTES)", registry=registry)
-        self._reserved_gauge = Gauge("cnn_serve_memory_reserved_bytes", "Memory reserved by the "
-                                     "requests in flight", registry=registry)
+        Gauge("cnn_serve_memory_reserved_bytes", "Memory reserved by the requests in flight",
+              registry=registry).set_function(lambda: self._reserved)  # read when scraped, not kept per reservation
         self.refused = Counter("cnn_serve_memory_refusals", "Requests refused with 503 because "
                                "the memory budget was spent", registry=registry)
         self.resize(total_bytes)
@@ -153,12 +153,10 @@ class MemoryBudget:
                 self.refused.inc()
                 raise MemoryExhausted(self.total, self.retry_after_seconds)
             self._reserved += nbytes
-        self._reserved_gauge.inc(nbytes)
 
     def give_back(self, nbytes: int) -> None:
         with self._lock:
             self._reserved -= nbytes
-        self._reserved_gauge.dec(nbytes)
 
 
 class RequestAccount:

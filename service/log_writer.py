@@ -20,6 +20,13 @@ class QueuedLogHandler(logging.handlers.QueueHandler):
         super().__init__(queue.Queue(size))
         self.dropped = 0  # changed under the handler's lock, which logging takes around enqueue
 
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """The record as it is queued: its message merged now (its arguments may change after), the
+        rest formatted by the writer. It is not copied, as the base class does for other handlers
+        that might see it: no other handler does."""
+        record.msg, record.args = record.getMessage(), None
+        return record
+
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
             if self.dropped:
