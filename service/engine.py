@@ -166,6 +166,11 @@ def newest(states: list[ModelState]) -> ModelState:
     return max(states, key=lambda state: version_number(state.version))
 
 
+def headline(states: dict[str, ModelState]) -> ModelState:
+    """A model's headline state: its newest ready version, or else its newest version."""
+    return newest([s for s in states.values() if s.served] or list(states.values()))
+
+
 class Engine:
     def __init__(self, folders: list[ModelFolder], settings: Settings,
                  on_batch: Callable[[str, int], None] | None = None,
@@ -200,9 +205,8 @@ class Engine:
 
     @property
     def models(self) -> dict[str, ModelState]:
-        """Each model's headline state: its newest ready version, or else its newest version."""
-        return {name: newest([s for s in states.values() if s.served] or list(states.values()))
-                for name, states in self.versions.items() if states}
+        """Each model's headline state (`headline`)."""
+        return {name: headline(states) for name, states in self.versions.items() if states}
 
     # Start-up -----------------------------------------------------------------------------
     def load_all(self, names: set[str] | None = None) -> None:
@@ -315,7 +319,7 @@ class Engine:
             raise UnknownModel(name, sorted(n for n, s in self.versions.items() if s))
         if version is not None and version not in states:
             raise UnknownModelVersion(name, version, sorted(states, key=version_number))
-        state = states[version] if version is not None else self.models[name]
+        state = states[version] if version is not None else headline(states)  # not every model's
         if state.served is None:
             raise ModelUnavailable(name, state.status, state.error)
         self._last_used[name] = time.monotonic()
