@@ -1,9 +1,7 @@
 """The service's OTLP span encoder (service/otlp_encoding.py) makes the library's bytes exactly, for
 spans of every shape; and both OTLP exporters, chosen by OTEL_EXPORTER_OTLP_PROTOCOL, send what it
 encodes to a collector."""
-import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
@@ -11,7 +9,6 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as library_encode_spans
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
@@ -22,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from service import otlp_encoding
 from service.tracing import Tracing
-from tests.service_fixtures import free_port
+from tests.otlp_receiver import Collector, spans_of
 
 RESOURCE = Resource({"service.name": "cnn-serve", "host.cores": 2}, "https://opentelemetry.io/schemas/1.21.0")
 OTHER_RESOURCE = Resource({"service.name": "other"})
@@ -70,36 +67,11 @@ def test_the_encoder_makes_the_librarys_bytes_for_spans_of_every_shape():
     assert len([s for r in ours.resource_spans for scope in r.scope_spans for s in scope.spans]) == len(spans)
 
 
-class HttpCollector:
-    def __init__(self) -> None:
-        self.received: list[ExportTraceServiceRequest] = []
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                received.append(ExportTraceServiceRequest.FromString(
-                    self.rfile.read(int(self.headers["Content-Length"]))))
-                body = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 class GrpcCollector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver on loopback, as tests/otlp_receiver.py's Collector is for HTTP."""
+
     def __init__(self) -> None:
-        self.received: list[ExportTraceServiceRequest] = []
+        self.spans: list[tuple[dict, object]] = []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
@@ -107,14 +79,14 @@ class GrpcCollector(trace_service_pb2_grpc.TraceServiceServicer):
         self.endpoint = f"http://127.0.0.1:{port}"
 
     def Export(self, request, context):  # the service's method name
-        self.received.append(request)
+        self.spans += spans_of(request)
         return ExportTraceServiceResponse()
 
     def close(self) -> None:
         self.server.stop(None)
 
 
-@pytest.mark.parametrize("protocol, collector_type", [("http/protobuf", HttpCollector), ("grpc", GrpcCollector)])
+@pytest.mark.parametrize("protocol, collector_type", [("http/protobuf", Collector), ("grpc", GrpcCollector)])
 def test_each_otlp_protocol_sends_what_the_services_encoder_makes(protocol, collector_type, monkeypatch):
     collector = collector_type()
     encoded = []
@@ -137,8 +109,7 @@ def test_each_otlp_protocol_sends_what_the_services_encoder_makes(protocol, coll
         tracing.shutdown()
         collector.close()
     assert encoded == [span.name for span in spans]
-    sent = [s for request in collector.received for r in request.resource_spans
-            for scope in r.scope_spans for s in scope.spans]
+    sent = [span for _, span in collector.spans]
     assert [s.name for s in sent] == [span.name for span in spans]
     server = sent[0]
     assert server.parent_span_id == (1).to_bytes(8, "big") and server.trace_state == "vendor=value"

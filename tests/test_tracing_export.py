@@ -4,24 +4,19 @@ id; without the variables nothing is traced; a collector that never answers cost
 latency."""
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from tests.service_fixtures import free_port, logged, metric
+from tests.otlp_receiver import Collector
+from tests.service_fixtures import logged, metric
 
 MODEL = "small_imagenet"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -32,44 +27,6 @@ QUICK_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}  # ms: the batch processor send
 @pytest.fixture(scope="module")
 def served_repository(small_repository):
     return small_repository
-
-
-class Collector:
-    """An OTLP/HTTP trace receiver on loopback: keeps every span it is sent, with its resource."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[dict, object]] = []  # (resource attributes, span)
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                export = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
-                for resource_spans in export.resource_spans:
-                    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-                    collector.spans += [(resource, span) for scope in resource_spans.scope_spans
-                                        for span in scope.spans]
-                body = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, trace_id: str, count: int, timeout: float = 10) -> list:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [(r, s) for r, s in self.spans if s.trace_id.hex() == trace_id]
-            if len(found) >= count:
-                return found
-            time.sleep(0.05)
-        return [(r, s) for r, s in self.spans if s.trace_id.hex() == trace_id]
 
 
 @pytest.fixture(scope="module")
