@@ -10,7 +10,7 @@ IMAGE ?= cnn-serve
 WEIGHTS ?= imagenet --allow-random-fallback
 BIN := $(VENV)/bin
 
-.PHONY: setup export run test test-fast bench bench-compare bench-grpc bench-swap docs grpc-stubs lint lock clean docker docker-setup ci
+.PHONY: setup export run test test-fast bench bench-compare bench-grpc bench-swap bench-count docs grpc-stubs lint lock clean docker docker-setup ci
 
 setup: $(VENV)/.installed
 
@@ -79,6 +79,10 @@ bench-grpc: setup export
 # A version swap under 16 clients: p50/p99 before, during and after a repository load of version 2.
 bench-swap: setup export
 	$(BIN)/python -m bench.swap --image tests/data/coffee.jpg --model-repository $(REPO)
+
+# The work per request counted, not timed: instructions under valgrind's callgrind (COUNT_ARGS: --server ...).
+bench-count: setup export
+	$(BIN)/python -m bench.count --image tests/data/coffee.jpg --model-repository $(REPO) $(COUNT_ARGS)
 
 docker:
 	docker build --build-arg WEIGHTS="$(WEIGHTS)" -t $(IMAGE) .

@@ -128,3 +128,24 @@ def test_bench_refuses_a_server_that_is_not_on_loopback(photos, tmp_path, url):
     assert finished.returncode == 2
     assert "refusing non-loopback URL" in finished.stderr and "--allow-remote" in finished.stderr
     assert not out.exists()
+
+
+@pytest.mark.tool
+def test_bench_count_counts_the_instructions_a_request_costs(small_repository, photos):
+    """Two servers counted under callgrind: one that also writes every span to its log as JSON
+    (the console exporter, every 50 ms, so within the counted time) does clearly more work per
+    request than the same service without."""
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.count", "--model-repository", str(small_repository),
+         "--model", "small_cifar", "--image", str(photos["coffee"]), "--requests", "24",
+         "--concurrency", "4", "--idle", "3", "--server", "plain",
+         "--server", "spans:OTEL_TRACES_EXPORTER=console OTEL_TRACES_SAMPLER=always_on OTEL_BSP_SCHEDULE_DELAY=50"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert finished.returncode == 0, finished.stderr
+    rows = {line.split()[0]: line.split() for line in finished.stdout.splitlines()[1:]}
+    assert set(rows) == {"plain", "spans"}
+    plain, spans = (float(rows[name][3]) for name in ("plain", "spans"))  # less idle, millions
+    assert plain > 0 and spans > 1.05 * plain
+    assert rows["plain"][-2] == "+0.0"
+
