@@ -18,7 +18,6 @@ waiting for the GIL. Needs `valgrind` (Debian's package).
         --server "before@../old-checkout"
 """
 import argparse
-import asyncio
 import os
 import re
 import subprocess
@@ -28,13 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load import HttpConnection, multipart_request
+from bench.load import HttpConnection, drive, multipart_request
 from bench.servers import LOOPBACK, running
 
 TOTALS = re.compile(r"^totals: (\d+)", re.MULTILINE)
 # valgrind names its control pipes after $HOST, which the servers are given as their address: the
 # controlling tools must see the same.
 VGDB_ENV = {**os.environ, "HOST": LOOPBACK}
+UPLOADS_TIME_LIMIT_S = 3600.0  # under valgrind a request takes about sixty times as long
 
 
 @dataclass(frozen=True)
@@ -105,20 +105,11 @@ def _control(pid: int, option: str) -> None:
         raise RuntimeError(f"callgrind_control {option}: {said.stdout}{said.stderr}")
 
 
-async def upload(host: str, port: int, request: bytes, concurrency: int, total: int) -> None:
-    """`total` uploads from `concurrency` clients, each sending its next when answered."""
-    left = total
-
-    async def client() -> None:
-        nonlocal left
-        connection = HttpConnection(host, port, request)
-        while left > 0:
-            left -= 1
-            if not (await connection.exchange()).ok:
-                raise RuntimeError("a request failed")
-        await connection.close()
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+def uploads(host: str, port: int, request: bytes, concurrency: int, total: int) -> None:
+    """`total` uploads from `concurrency` clients (the bench's own load), every one answered 200."""
+    load = drive(lambda: HttpConnection(host, port, request), concurrency, 0, total, UPLOADS_TIME_LIMIT_S)
+    if len(load.measured.latencies_ms) != total:
+        raise RuntimeError(f"not every upload succeeded: {load.measured.statuses}")
 
 
 def count(server: Server, args: argparse.Namespace, folder: Path) -> Count:
@@ -132,14 +123,14 @@ def count(server: Server, args: argparse.Namespace, folder: Path) -> Count:
         pid = callgrind_pid(dumps)
         request = multipart_request(process.host, process.port, f"/predict/{args.model}",
                                     args.image.read_bytes(), args.image.name)
-        asyncio.run(upload(process.host, process.port, request, args.concurrency, 2 * args.concurrency))
+        uploads(process.host, process.port, request, args.concurrency, 2 * args.concurrency)  # warm-up
         counting(pid, True)
         dumped(pid, dumps)  # what ran between switching on and now, left out
         started = time.perf_counter()
         time.sleep(args.idle)
         idle = dumped(pid, dumps) / (time.perf_counter() - started)
         started = time.perf_counter()
-        asyncio.run(upload(process.host, process.port, request, args.concurrency, args.requests))
+        uploads(process.host, process.port, request, args.concurrency, args.requests)
         instructions = dumped(pid, dumps)
         seconds = time.perf_counter() - started
         counting(pid, False)
