@@ -116,8 +116,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--before", type=float, default=8.0, help="seconds of load before the swap")
     parser.add_argument("--after", type=float, default=8.0, help="seconds of load after the swap")
-    parser.add_argument("--log", type=Path, default=Path("bench-swap-service.log"))
+    parser.add_argument("--log", type=Path, default=Path("bench-results/swap-service.log"),
+                        help="the service's output (beside the bench's results, which git ignores)")
     args = parser.parse_args()
+    args.log.parent.mkdir(parents=True, exist_ok=True)
     result = measure(args.model_repository, args.model, args.image, args.concurrency, args.before,
                      args.after, args.log)
     print(json.dumps(result, indent=2))
